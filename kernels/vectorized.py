@@ -14,7 +14,7 @@ bias and input gradients are large GEMMs done by the caller, see bilstm_fast/fun
         out     [T, B, D, H]   zero where t >= lengths[b]
         h_n/c_n [D, B, H]      state after each sequence's last valid step
         gates   [T, B, D, 4H]  activated gates (sigmoid i, f, o; tanh g), saved for backward
-        cs      [T, B, D, H]   fp32 cell state after each step; where t >= lengths[b] it holds
+        cs      [T, B, D, H]   cell state after each step, fp32 (fp64 for fp64 input); where t >= lengths[b] it holds
                                the carried state (the final one going forward, c0 going back),
                                so the previous cell state is always the neighbouring entry
 
@@ -43,9 +43,19 @@ def scatter_step(seq, times, value):
         seq[t, :, d] = value[d]
 
 
+def state_dtype(dtype):
+    """Cell state and gradient accumulation precision: fp32 at least, whatever the input dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def valid_mask(lengths, T):
     """[T, B] bool: t < lengths[b]."""
     return torch.arange(T, device=lengths.device).unsqueeze(1) < lengths.unsqueeze(0)
+
+
+def step_mask(valid, times):
+    """[D, B, 1] bool: which sequences each direction advances at this step."""
+    return torch.stack([valid[t] for t in times]).unsqueeze(-1)
 
 
 def recurrence_forward(gx, w_hh, h0, c0, lengths=None):
@@ -54,9 +64,9 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None):
     w_hh_t = w_hh.transpose(1, 2)  # [D, H, 4H]; bmm reads the transpose without a copy
     out = gx.new_empty(T, B, D, H)
     gates = gx.new_empty(T, B, D, G)
-    cs = gx.new_empty(T, B, D, H, dtype=torch.float32)
+    cs = gx.new_empty(T, B, D, H, dtype=state_dtype(gx.dtype))
     valid = None if lengths is None else valid_mask(lengths, T)
-    h, c = h0.to(gx.dtype), c0.float()
+    h, c = h0.to(gx.dtype), c0.to(cs.dtype)
     for s in range(T):
         times = step_times(s, T, D)
         b_gates = torch.baddbmm(gather_step(gx, times), h, w_hh_t)  # [D, B, 4H]
@@ -64,12 +74,12 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None):
         b_gates[..., 2 * H : 3 * H].tanh_()
         b_gates[..., 3 * H :].sigmoid_()
         i, f, g, o = b_gates.chunk(4, dim=-1)
-        c_new = torch.addcmul(f * c, i, g)  # fp32: c is fp32
+        c_new = torch.addcmul(f * c, i, g)  # in c's (>= fp32) precision
         h_new = (o * torch.tanh(c_new)).to(gx.dtype)
         if valid is None:
             c, h, h_out = c_new, h_new, h_new
         else:
-            m = gather_step(valid.unsqueeze(-1), times).unsqueeze(-1)  # [D, B, 1]
+            m = step_mask(valid, times)  # [D, B, 1]
             c, h = torch.where(m, c_new, c), torch.where(m, h_new, h)
             h_out = h_new * m
         scatter_step(gates, times, b_gates)
@@ -84,24 +94,25 @@ def previous_cell(cs, c0, times):
     prev = []
     for d, t in enumerate(times):
         t_prev = t - 1 if d == 0 else t + 1
-        prev.append(cs[t_prev, :, d] if 0 <= t_prev < T else c0[d].float())
+        prev.append(cs[t_prev, :, d] if 0 <= t_prev < T else c0[d].to(cs.dtype))
     return torch.stack(prev)
 
 
 def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None):
     T, B, D, G = gates.shape
     H = G // 4
-    w = w_hh.float()  # [D, 4H, H]
+    acc = state_dtype(gates.dtype)
+    w = w_hh.to(acc)  # [D, 4H, H]
     dgates = gates.new_empty(T, B, D, G)
     valid = None if lengths is None else valid_mask(lengths, T)
-    dh, dc = dh_n.float(), dc_n.float()
+    dh, dc = dh_n.to(acc), dc_n.to(acc)
     for s in reversed(range(T)):
         times = step_times(s, T, D)
-        i, f, g, o = gather_step(gates, times).float().chunk(4, dim=-1)
+        i, f, g, o = gather_step(gates, times).to(acc).chunk(4, dim=-1)
         c = gather_step(cs, times)
         c_prev = previous_cell(cs, c0, times)
-        m = None if valid is None else gather_step(valid.unsqueeze(-1), times).unsqueeze(-1)
-        d_out = gather_step(dout, times).float()
+        m = None if valid is None else step_mask(valid, times)
+        d_out = gather_step(dout, times).to(acc)
         dh_t = dh + (d_out if m is None else d_out * m)
         tanh_c = torch.tanh(c)
         dc_t = dc + dh_t * o * (1 - tanh_c * tanh_c)
