@@ -1,4 +1,15 @@
 """bilstm-fast: a drop-in nn.LSTM replacement with fused Triton kernels and a vectorized CPU path."""
+import os as _os
+
+# Installed, `kernels/` lives inside this package (setup.py's package_dir). In a source checkout
+# run with PYTHONPATH=. (the GPU machines, which have no package index) it sits beside it instead:
+# let `bilstm_fast.kernels` resolve there too.
+_here = _os.path.dirname(_os.path.abspath(__file__))
+_checkout = _os.path.dirname(_here)
+if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
+    _os.path.join(_checkout, "kernels", "__init__.py")
+):
+    __path__.append(_checkout)
 from bilstm_fast.function import LSTMLayerFunction, lstm_layer
 from bilstm_fast.module import FastBiLSTM, swap_lstm
 

@@ -154,10 +154,9 @@ class FastBiLSTM(nn.RNNBase):
                 self.check_forward_args(input, hx, None)
             x = input.transpose(0, 1) if self.batch_first else input
             if x.shape[0] == 0:
-                raise RuntimeError("FastBiLSTM: expected a sequence of at least one step, got length 0")
-        T, B = x.shape[0], x.shape[1]
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if hx is None:
-            zeros = x.new_zeros(self.num_layers * D, B, self.hidden_size)
+            zeros = x.new_zeros(self.num_layers * D, x.shape[1], self.hidden_size)
             hx = (zeros, zeros)
         self._check_devices(x, hx)
         out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths)

