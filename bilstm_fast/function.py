@@ -6,7 +6,7 @@ weight and bias gradients after it. Only the recurrence itself comes from the ba
 """
 import torch
 
-from bilstm_fast.kernels import recurrence_module, resolve_backend
+from bilstm_fast import ops
 
 
 def previous_hidden(out, h0, lengths):
@@ -39,8 +39,7 @@ class LSTMLayerFunction(torch.autograd.Function):
             gx = torch.mm(x2d, w_ih2d.t())
         else:
             gx = torch.addmm(bias.reshape(D * G), x2d, w_ih2d.t())
-        rec = recurrence_module(resolve_backend(backend, x.device))
-        out, h_n, c_n, gates, cs = rec.recurrence_forward(gx.view(T, B, D, G), w_hh, h0, c0, lengths)
+        out, h_n, c_n, gates, cs = ops.recurrence_forward(gx.view(T, B, D, G), w_hh, h0, c0, lengths, backend)
         ctx.save_for_backward(x, w_ih, w_hh, h0, c0, lengths, out, gates, cs)
         ctx.has_bias = bias is not None
         ctx.backend = backend
@@ -55,8 +54,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         dout = torch.zeros_like(out) if dout is None else dout.reshape(T, B, D, H)
         dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
         dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
-        rec = recurrence_module(resolve_backend(ctx.backend, x.device))
-        dgates, dh0, dc0 = rec.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths)
+        dgates, dh0, dc0 = ops.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, ctx.backend)
         dgates2d = dgates.view(T * B, D * G)
         need = ctx.needs_input_grad
         dx = dw_ih = dw_hh = dbias = None

@@ -53,6 +53,12 @@ class FastBiLSTM(nn.RNNBase):
         )
         self.backend = backend
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "FastBiLSTM cannot be compiled by torch.jit.script (its ops are Python autograd "
+            "Functions and custom ops); use torch.compile, or torch.jit.trace for export"
+        )
+
     # nn.LSTM's argument checks and hidden-state permutation, so errors read the same.
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
@@ -107,7 +113,7 @@ class FastBiLSTM(nn.RNNBase):
         D = 2 if self.bidirectional else 1
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            w_ih, w_hh, bias = self._layer_weights(layer)
+            w_ih, w_hh, bias = (None if w is None else w.to(x.dtype) for w in self._layer_weights(layer))
             states = slice(layer * D, (layer + 1) * D)
             x, h, c = lstm_layer(x, w_ih, w_hh, bias, h0[states], c0[states], lengths, self.backend)
             h_n.append(h)
@@ -159,7 +165,14 @@ class FastBiLSTM(nn.RNNBase):
             zeros = x.new_zeros(self.num_layers * D, x.shape[1], self.hidden_size)
             hx = (zeros, zeros)
         self._check_devices(x, hx)
-        out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            # as nn.LSTM under autocast: run in the autocast dtype (fp32 accumulation and cell
+            # state inside the op), with autocast off so nothing inside is cast again
+            dtype = torch.get_autocast_dtype(device_type)
+            x, hx = x.to(dtype), (hx[0].to(dtype), hx[1].to(dtype))
+        with torch.autocast(device_type, enabled=False):
+            out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths)
 
         if packed:
             sorted_lengths = lengths_cpu[sorted_indices.cpu()] if sorted_indices is not None else lengths_cpu
