@@ -244,6 +244,7 @@ def generate(model, vocab, prompt, next_words, temperature=1.0, seed=0):
 
 def save_checkpoint(path, model, vocab):
     """Weights, vocabulary and sizes: everything generation needs, without the corpus."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     lstm = model.lstm
     config = dict(embedding_dim=model.embedding.embedding_dim, hidden_size=lstm.hidden_size,
                   num_layers=lstm.num_layers, dropout=float(lstm.dropout))
