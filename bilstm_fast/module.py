@@ -179,6 +179,11 @@ class FastBiLSTM(nn.RNNBase):
             out_sorted = out if sorted_indices is None else out.index_select(1, sorted_indices)
             data = pack_padded_sequence(out_sorted, sorted_lengths).data
             return PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
+        if out.requires_grad:
+            # out is a view of a tensor the op saves for backward, so it cannot be modified in
+            # place; nn.LSTM's output can (masking padded steps, ReLU(inplace=True)) and still
+            # backpropagate. A copy of the last layer's output is what that costs.
+            out = out.clone()
         if self.batch_first:
             out = out.transpose(0, 1)
         if not is_batched:
