@@ -91,10 +91,61 @@ class FastBiLSTM(nn.RNNBase):
         suffixes = ["", "_reverse"][: 2 if self.bidirectional else 1]
 
         def stacked(name):
-            return torch.stack([getattr(self, f"{name}_l{layer}{s}") for s in suffixes])
+            weights = [getattr(self, f"{name}_l{layer}{s}") for s in suffixes]
+            return weights[0].unsqueeze(0) if len(weights) == 1 else torch.stack(weights)  # a view, no copy, for one direction
 
         bias = stacked("bias_ih") + stacked("bias_hh") if self.bias else None
         return stacked("weight_ih"), stacked("weight_hh"), bias
+
+    @staticmethod
+    def _check_hx_pair(hx):
+        """hx must be (h_0, c_0): nn.LSTM fails on other shapes of hx with AttributeError or
+        IndexError, and iterating a stacked [2, ...] tensor would silently pass as a pair."""
+        if not isinstance(hx, (tuple, list)):
+            raise TypeError(f"LSTM expects hx to be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
+        if len(hx) != 2:
+            raise RuntimeError(f"lstm expects two hidden states (h_0, c_0), got {len(hx)}")
+        for name, t in zip(("h_0", "c_0"), hx):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"LSTM expects {name} to be a Tensor, got {type(t).__name__}")
+            if t.layout != torch.strided:
+                raise TypeError(f"LSTM expects a dense (strided) {name}, got layout {t.layout}")
+
+    @staticmethod
+    def _check_packed(packed):
+        """A hand-built PackedSequence must describe real sequences: nn.LSTM runs silently on
+        extra data rows or short index tensors, and fails with internal errors on the rest."""
+        data, batch_sizes = packed.data, packed.batch_sizes
+        if not isinstance(data, torch.Tensor) or data.layout != torch.strided or data.dim() != 2:
+            raise ValueError("PackedSequence data must be a dense 2-D tensor [sum(batch_sizes), input_size]")
+        if (
+            batch_sizes.dim() != 1
+            or batch_sizes.dtype != torch.int64
+            or batch_sizes.device.type != "cpu"
+            or batch_sizes.numel() == 0
+        ):
+            raise ValueError(
+                "PackedSequence batch_sizes must be a non-empty 1-D int64 CPU tensor, got "
+                f"{batch_sizes.dim()}-D {batch_sizes.dtype} on {batch_sizes.device} with {batch_sizes.numel()} entries"
+            )
+        sizes = batch_sizes.tolist()
+        # batch_sizes[t] counts the sequences longer than t: every sequence has length >= 1
+        if sizes[0] < 1 or sizes[-1] < 0 or any(later > earlier for earlier, later in zip(sizes, sizes[1:])):
+            raise ValueError(
+                f"PackedSequence batch_sizes must start positive and never increase (every sequence "
+                f"has length >= 1), got {sizes}"
+            )
+        if sum(sizes) != data.shape[0]:
+            raise ValueError(
+                f"PackedSequence data has {data.shape[0]} rows but its batch_sizes sum to {sum(sizes)}"
+            )
+        for name in ("sorted_indices", "unsorted_indices"):
+            index = getattr(packed, name)
+            if index is not None and tuple(index.shape) != (sizes[0],):
+                raise ValueError(
+                    f"PackedSequence {name} must hold one entry per sequence ({sizes[0]}), "
+                    f"got shape {tuple(index.shape)}"
+                )
 
     def _check_devices(self, input, hx):
         param = self.weight_ih_l0
@@ -126,10 +177,22 @@ class FastBiLSTM(nn.RNNBase):
         D = 2 if self.bidirectional else 1
         packed = isinstance(input, PackedSequence)
         lengths = None
+        # every check runs before any compute, so a bad call fails with a message, not mid-kernel
+        if not packed and not isinstance(input, torch.Tensor):
+            raise TypeError(f"LSTM expects input to be a Tensor or PackedSequence, got {type(input).__name__}")
+        if not packed and input.layout != torch.strided:
+            raise TypeError(f"LSTM expects a dense (strided) input tensor, got layout {input.layout}")
+        if hx is not None:
+            self._check_hx_pair(hx)
         if packed:
+            self._check_packed(input)
             batch_sizes = input.batch_sizes
             sorted_indices, unsorted_indices = input.sorted_indices, input.unsorted_indices
-            if hx is not None:
+            # nn.LSTM checks packed data (dtype, features) even without hx; skipping it let fp64
+            # data run through a fp32 module and come out fp64
+            if hx is None:
+                self.check_input(input.data, batch_sizes)
+            else:
                 self.check_forward_args(input.data, hx, batch_sizes)
             # padded, time-major, in the caller's batch order: hx needs no permutation
             x, lengths_cpu = pad_packed_sequence(input)
