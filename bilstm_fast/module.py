@@ -91,11 +91,47 @@ class FastBiLSTM(nn.RNNBase):
         suffixes = ["", "_reverse"][: 2 if self.bidirectional else 1]
 
         def stacked(name):
-            weights = [getattr(self, f"{name}_l{layer}{s}") for s in suffixes]
-            return weights[0].unsqueeze(0) if len(weights) == 1 else torch.stack(weights)  # a view, no copy, for one direction
+            return torch.stack([getattr(self, f"{name}_l{layer}{s}") for s in suffixes])
 
         bias = stacked("bias_ih") + stacked("bias_hh") if self.bias else None
         return stacked("weight_ih"), stacked("weight_hh"), bias
+
+    def _expected_parameter_shapes(self):
+        """(name, shape) of every weight and bias, as nn.RNNBase creates them."""
+        D = 2 if self.bidirectional else 1
+        H, G = self.hidden_size, 4 * self.hidden_size
+        for layer in range(self.num_layers):
+            layer_input = self.input_size if layer == 0 else D * H
+            for suffix in ("", "_reverse")[:D]:
+                yield f"weight_ih_l{layer}{suffix}", (G, layer_input)
+                yield f"weight_hh_l{layer}{suffix}", (G, H)
+                if self.bias:
+                    yield f"bias_ih_l{layer}{suffix}", (G,)
+                    yield f"bias_hh_l{layer}{suffix}", (G,)
+
+    def _check_parameters(self):
+        """A weight replaced after construction must still fit. nn.LSTM does not check: a wrong
+        weight_hh shape runs silently there, and a stray dtype fails deep inside oneDNN."""
+        first = self.weight_ih_l0
+        for name, shape in self._expected_parameter_shapes():
+            w = getattr(self, name)
+            if not isinstance(w, torch.Tensor):
+                raise TypeError(f"FastBiLSTM parameter {name} is {type(w).__name__}, expected a Tensor")
+            if w.shape != shape:
+                raise RuntimeError(
+                    f"FastBiLSTM parameter {name} has shape {tuple(w.shape)}, expected {shape} for "
+                    f"input_size={self.input_size}, hidden_size={self.hidden_size}"
+                )
+            if w.dtype != first.dtype:
+                raise ValueError(
+                    f"FastBiLSTM parameters must share one dtype: {name} is {w.dtype}, weight_ih_l0 "
+                    f"is {first.dtype}; convert with module.to(dtype)"
+                )
+            if w.device != first.device:
+                raise RuntimeError(
+                    f"FastBiLSTM parameters must be on one device: {name} is on {w.device}, "
+                    f"weight_ih_l0 on {first.device}; move them with module.to(device)"
+                )
 
     @staticmethod
     def _check_hx_pair(hx):
@@ -184,6 +220,7 @@ class FastBiLSTM(nn.RNNBase):
             raise TypeError(f"LSTM expects a dense (strided) input tensor, got layout {input.layout}")
         if hx is not None:
             self._check_hx_pair(hx)
+        self._check_parameters()
         if packed:
             self._check_packed(input)
             batch_sizes = input.batch_sizes
