@@ -1,0 +1,628 @@
+"""Triton recurrence kernels: the sequential part of one LSTM layer, all directions in one launch.
+
+Implements the recurrence contract documented in vectorized.py (same function names, same
+outputs); the input projection and the weight gradients stay GEMMs in bilstm_fast/function.py.
+
+Design
+------
+Grid = (batch tiles, hidden-chunk programs, directions). A program owns BLOCK_B batch rows of
+one direction and one or more BLOCK_N-wide chunks of hidden units, for all four gates. One
+shared @triton.jit step body (`_fwd_step`, `_bwd_step`) does, for one chunk at one step: the
+recurrent `tl.dot` (fp32 accumulation), the gate nonlinearities and the cell/hidden update (or
+their gradients), and every store. The schedules differ only in how programs are laid out and
+how they meet between steps:
+
+  tile        (a) grid (batch tiles, 1, D). One program owns all of H for its batch tile and
+              walks every chunk itself, time loop inside the kernel. h (dgates going back) is
+              exchanged through a ping-pong scratch buffer in global memory, with
+              `tl.debug_barrier()` (bar.sync: the CTA's stores are visible to the whole CTA)
+              between steps. No cross-program barrier, so it runs under TRITON_INTERPRET=1.
+  persistent  (b) grid (batch tiles, chunks, D), all programs resident: each keeps its W_hh
+              slice (4 x [HP, BLOCK_N]) on chip across the whole time loop; the programs of one
+              (batch tile, direction) group meet at a barrier on an atomic counter (release
+              add, acquire spin) after each step. The grid is sized to the SM count and launched
+              cooperatively where Triton offers it, so all programs are co-resident.
+  stepwise    (b) without the barrier: the same kernel and step body, one launch per step.
+              Runs under the interpreter, so CI exercises the persistent schedule's step math
+              and the cross-program h exchange; on a GPU it is the fallback when the persistent
+              grid or W slice does not fit.
+
+The step body has two ways to get W_hh (constexpr RESIDENT): resident, the slice loaded once
+before the time loop and the dot done over all of K at once; or streamed, W and h read in
+BLOCK_K chunks from L2 every step, which bounds registers whatever H is.
+
+Schedule chosen by shape (`plan_schedule`), HP = next_pow2(max(H, 16)) because tl.dot wants
+every dim >= 16 and tl.arange powers of two (batch tiles are padded to >= 16 rows the same way):
+  - HP <= 128: tile, 16 batch rows per program. W_hh is small and a step is little work: one
+    program per batch tile and direction needs no barrier at all. W_hh resident when
+    HP <= 64 (one chunk covers H), streamed in 32-wide chunks for HP = 128.
+  - HP > 128 on a GPU: persistent, batch tiles of up to 64 rows, BLOCK_N the smallest power of
+    two >= 16 such that D * batch_tiles * HP/BLOCK_N <= SM count, if the W slice 4*HP*BLOCK_N
+    fits the on-chip budget (64 KiB for tensor-core dots: fp16/bf16/TF32; 8K elements for IEEE
+    fp32, whose FMA dot replicates K per thread). Otherwise stepwise, streamed when the slice
+    does not fit. The budgets come from ptxas -v on sm_90 (no spills with 8 warps); the
+    thresholds between schedules are first guesses, to be measured on a GPU.
+  - Off-GPU (interpreter) persistent runs only when each group is one program (its barrier
+    then never waits); the planner picks that for HP > 128, and stepwise can be forced.
+
+Reverse time and lengths: at step s row b of the direction that walks time backwards works on
+t = len_b - 1 - s while s < len_b (so it starts at its own last valid step, no flips); for
+s >= len_b every row fills position t = s (out/gates/dgates zero, cs the carried state). Each
+row's valid steps therefore come first, which is why h_n is written at s == len_b - 1 and dh0
+at backward phase s == len_b. Backward needs T + 1 phases: the last one only turns the final
+dgates into dh0 (dh_prev = dgates @ W_hh needs every chunk's dgates, so it lands after the
+barrier that closes the step).
+
+Numerics: gates and the cell update in fp32, cell state always fp32 (state buffer and cs);
+h, out, gates, dgates stored in the input dtype; the recurrent dot reads h (dgates) in the
+input dtype like the vectorized path does. fp32 dots are TF32 when cuDNN's RNN may use TF32
+(`torch.backends.cudnn.rnn.fp32_precision`, else `torch.backends.cudnn.allow_tf32`), IEEE
+otherwise. No atomics touch results: every element is written by exactly one program, in a
+fixed order, so results are bitwise reproducible. Offsets that scale with T*B go through int64.
+
+What the interpreter cannot show (only a GPU can):
+  - the persistent barrier with more than one program per group: memory ordering of the h
+    exchange (release/acquire on the counter plus .cg loads that bypass L1), residency of the
+    whole grid (cooperative launch refuses a grid that cannot be resident instead of hanging);
+  - races inside a CTA: the interpreter runs a program as one thread, so a missing
+    `tl.debug_barrier()` between steps would go unnoticed there;
+  - register pressure and spills on hardware (ptxas was run offline for sm_90 only), TF32
+    rounding (the interpreter's dot is plain fp32), bf16 (numpy has none), and of course speed
+    and the schedule thresholds above.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+SCHEDULES = ("tile", "persistent", "stepwise")
+MIN_DOT = 16  # smallest M, N, K tl.dot accepts
+TILE_MAX_HP = 128  # padded H up to which one program walks all of H (tile schedule)
+TILE_RESIDENT_HP = 64  # ... and keeps all of W_hh on chip
+# On-chip W_hh slice budgets, from ptxas -v on sm_90 (no spills at these sizes with 8 warps):
+# tensor-core dots (fp16, bf16, TF32) hold 64 KiB; IEEE fp32 dots run on the FMA units, which
+# replicate the K extent per thread, so they hold far less.
+RESIDENT_BYTES_MMA = 64 * 1024
+RESIDENT_ELEMS_FMA = 8 * 1024
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cooperative_supported():
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+COOPERATIVE = _cooperative_supported()
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    # libdevice is unavailable to the interpreter, and 2*sigmoid(2x)-1 loses relative precision
+    # near 0: use (1-e)/(1+e), e = exp(-2|x|), and a 4-term series where that cancels.
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    series = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * -0.05396825396825397)))
+    return tl.where(a < 0.125, series, tl.where(x < 0, -t, t))
+
+
+@triton.jit
+def _load_w_slice(p_w, o_k, o_n, H: tl.constexpr, BACKWARD: tl.constexpr):
+    """Four [HP, BLOCK_N] blocks of one direction's W_hh [4H, H], one per gate.
+
+    Forward needs W_k^T (block[j, n] = W[k*H + n, j]): gates_k = h @ W_k^T.
+    Backward needs W_k (block[j, n] = W[k*H + j, n]): dh = sum_k dgates_k @ W_k.
+    """
+    m_w = (o_k[:, None] < H) & (o_n[None, :] < H)
+    if BACKWARD:
+        o_w = o_k[:, None] * H + o_n[None, :]
+    else:
+        o_w = o_n[None, :] * H + o_k[:, None]
+    b_wi = tl.load(p_w + o_w, mask=m_w, other=0.0)
+    b_wf = tl.load(p_w + H * H + o_w, mask=m_w, other=0.0)
+    b_wg = tl.load(p_w + 2 * H * H + o_w, mask=m_w, other=0.0)
+    b_wo = tl.load(p_w + 3 * H * H + o_w, mask=m_w, other=0.0)
+    return b_wi, b_wf, b_wg, b_wo
+
+
+@triton.jit
+def _group_barrier(p_count, target):
+    """Wait until the group's counter reaches `target`; every program of the group adds 1 per step.
+
+    Only valid when all programs of the group are resident (persistent schedule). Scalar
+    atomics are issued by one thread; the bar.sync before publishes the whole CTA's stores,
+    the one after holds every thread until the acquire has seen everyone else's.
+    """
+    tl.debug_barrier()
+    tl.atomic_add(p_count, 1, sem="release", scope="gpu")
+    while tl.atomic_add(p_count, 0, sem="acquire", scope="gpu") < target:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _fwd_recurrent(
+    s, i_d, B, o_b, m_b, o_n, p_hbuf, p_w_d, b_wi, b_wf, b_wg, b_wo,
+    H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
+    RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """[BB, BN] x 4: h_{t-1} @ W_k^T for one chunk. h comes from the ping-pong half s % 2."""
+    o_hrow = ((s % 2) * D + i_d) * B + o_b  # [BB] rows of the [2*D*B, H] buffer
+    if RESIDENT:
+        o_k = tl.arange(0, HP)
+        m_h = m_b[:, None] & (o_k[None, :] < H)
+        b_h = tl.load(p_hbuf + o_hrow[:, None] * H + o_k[None, :], mask=m_h, other=0.0, cache_modifier=".cg")
+        b_ri = tl.dot(b_h, b_wi, input_precision=DOT_PRECISION)
+        b_rf = tl.dot(b_h, b_wf, input_precision=DOT_PRECISION)
+        b_rg = tl.dot(b_h, b_wg, input_precision=DOT_PRECISION)
+        b_ro = tl.dot(b_h, b_wo, input_precision=DOT_PRECISION)
+    else:
+        # W streamed from L2 in K chunks: bounded registers whatever H is
+        b_ri = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=tl.float32)
+        b_rf = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=tl.float32)
+        b_rg = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=tl.float32)
+        b_ro = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=tl.float32)
+        for k0 in range(0, HP, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_h = m_b[:, None] & (o_k[None, :] < H)
+            b_h = tl.load(p_hbuf + o_hrow[:, None] * H + o_k[None, :], mask=m_h, other=0.0, cache_modifier=".cg")
+            b_ki, b_kf, b_kg, b_ko = _load_w_slice(p_w_d, o_k, o_n, H, False)
+            b_ri = tl.dot(b_h, b_ki, b_ri, input_precision=DOT_PRECISION)
+            b_rf = tl.dot(b_h, b_kf, b_rf, input_precision=DOT_PRECISION)
+            b_rg = tl.dot(b_h, b_kg, b_rg, input_precision=DOT_PRECISION)
+            b_ro = tl.dot(b_h, b_ko, b_ro, input_precision=DOT_PRECISION)
+    return b_ri, b_rf, b_rg, b_ro
+
+
+@triton.jit
+def _fwd_step(
+    s, T, B, i_d, o_b, m_b, b_len, o_n,
+    p_w_d, b_wi, b_wf, b_wg, b_wo,
+    p_gx, p_hbuf, p_c, p_c0, p_out, p_gates, p_cs, p_hn,
+    H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
+    RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One forward step for one hidden chunk, shared by every schedule: the recurrent dot,
+    the gate nonlinearities, the cell/hidden update and all stores."""
+    m_n = o_n < H
+    m_bn = m_b[:, None] & m_n[None, :]
+    b_valid = (s < b_len) & m_b  # [BB]
+    m_valid = b_valid[:, None]
+    # reverse direction: each row starts at its own last valid step; fill rows use t = s
+    b_t = tl.where(b_valid & (i_d == 1), b_len - 1 - s, s).to(tl.int64)
+    o_row = (b_t * B + o_b) * D + i_d  # [BB] rows of the [T*B*D, *] views
+    b_ri, b_rf, b_rg, b_ro = _fwd_recurrent(
+        s, i_d, B, o_b, m_b, o_n, p_hbuf, p_w_d, b_wi, b_wf, b_wg, b_wo,
+        H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION,
+    )
+    p_gx_row = p_gx + o_row[:, None] * (4 * H) + o_n[None, :]
+    # [BB, BN] pre-activations, fp32
+    b_i = tl.sigmoid(b_ri + tl.load(p_gx_row, mask=m_bn, other=0.0).to(tl.float32))
+    b_f = tl.sigmoid(b_rf + tl.load(p_gx_row + H, mask=m_bn, other=0.0).to(tl.float32))
+    b_g = _tanh(b_rg + tl.load(p_gx_row + 2 * H, mask=m_bn, other=0.0).to(tl.float32))
+    b_o = tl.sigmoid(b_ro + tl.load(p_gx_row + 3 * H, mask=m_bn, other=0.0).to(tl.float32))
+
+    o_state = (i_d * B + o_b)[:, None] * H + o_n[None, :]  # [D, B, H] state tensors
+    b_c_prev = tl.load(p_c + o_state, mask=m_bn, other=0.0)
+    b_c_new = b_f * b_c_prev + b_i * b_g
+    b_h_new = b_o * _tanh(b_c_new)
+    # rows past their length carry the state; the reverse direction's carried state is c0
+    b_c0 = tl.load(p_c0 + o_state, mask=m_bn & (~m_valid) & (i_d == 1), other=0.0)
+    b_cs = tl.where(m_valid, b_c_new, tl.where(i_d == 1, b_c0, b_c_prev))
+    tl.store(p_c + o_state, tl.where(m_valid, b_c_new, b_c_prev), mask=m_bn)
+
+    dtype = p_out.dtype.element_ty
+    b_h_out = b_h_new.to(dtype)
+    # the other ping-pong half: this step's half is still being read by every chunk
+    o_hnext = ((((s + 1) % 2) * D + i_d) * B + o_b)[:, None] * H + o_n[None, :]
+    tl.store(p_hbuf + o_hnext, b_h_out, mask=m_bn)
+    tl.store(p_hn + o_state, b_h_out, mask=m_bn & (s == b_len - 1)[:, None])
+
+    o_seq = o_row[:, None] * H + o_n[None, :]
+    tl.store(p_out + o_seq, tl.where(m_valid, b_h_out, 0.0).to(dtype), mask=m_bn)
+    tl.store(p_cs + o_seq, b_cs, mask=m_bn)
+    p_gates_row = p_gates + o_row[:, None] * (4 * H) + o_n[None, :]
+    tl.store(p_gates_row, tl.where(m_valid, b_i, 0.0).to(dtype), mask=m_bn)
+    tl.store(p_gates_row + H, tl.where(m_valid, b_f, 0.0).to(dtype), mask=m_bn)
+    tl.store(p_gates_row + 2 * H, tl.where(m_valid, b_g, 0.0).to(dtype), mask=m_bn)
+    tl.store(p_gates_row + 3 * H, tl.where(m_valid, b_o, 0.0).to(dtype), mask=m_bn)
+
+
+@triton.jit(do_not_specialize=["T", "B", "s_begin", "s_end"])
+def _lstm_fwd_kernel(
+    p_gx, p_w, p_len, p_hbuf, p_c, p_c0, p_out, p_gates, p_cs, p_hn, p_sync,
+    T, B, s_begin, s_end,
+    H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_CHUNKS: tl.constexpr,
+    RESIDENT: tl.constexpr, SYNC: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Forward recurrence, steps [s_begin, s_end). SYNC: 0 none (one launch per step),
+    1 CTA barrier (tile), 2 group barrier on p_sync (persistent)."""
+    i_b, i_n, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_b = (i_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    m_b = o_b < B
+    if HAS_LENGTHS:
+        b_len = tl.load(p_len + o_b, mask=m_b, other=0).to(tl.int32)
+    else:
+        b_len = tl.zeros([BLOCK_B], dtype=tl.int32) + T
+    p_w_d = p_w + i_d * (4 * H * H)
+    if RESIDENT:
+        # one chunk per program: its W_hh slice stays on chip for the whole time loop
+        tl.static_assert(N_CHUNKS == 1)
+        b_wi, b_wf, b_wg, b_wo = _load_w_slice(p_w_d, tl.arange(0, HP), i_n * BLOCK_N + tl.arange(0, BLOCK_N), H, False)
+    else:
+        b_wi, b_wf, b_wg, b_wo = None, None, None, None
+    n_members = tl.num_programs(1)
+    p_count = p_sync + i_d * tl.num_programs(0) + i_b
+    for s in range(s_begin, s_end):
+        for j in range(N_CHUNKS):
+            o_n = (i_n * N_CHUNKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+            _fwd_step(
+                s, T, B, i_d, o_b, m_b, b_len, o_n,
+                p_w_d, b_wi, b_wf, b_wg, b_wo,
+                p_gx, p_hbuf, p_c, p_c0, p_out, p_gates, p_cs, p_hn,
+                H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION,
+            )
+        if SYNC == 1:
+            tl.debug_barrier()
+        if SYNC == 2:
+            if s + 1 < s_end:
+                _group_barrier(p_count, (s - s_begin + 1) * n_members)
+
+
+@triton.jit
+def _bwd_recurrent(
+    s, i_d, B, o_b, m_b, o_n, p_dgbuf, p_w_d, b_wi, b_wf, b_wg, b_wo,
+    H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
+    RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """[BB, BN]: sum_k dgates_k @ W_k for one chunk, dgates from the ping-pong half s % 2."""
+    o_grow = ((s % 2) * D + i_d) * B + o_b  # [BB] rows of the [2*D*B, 4H] buffer
+    if RESIDENT:
+        o_k = tl.arange(0, HP)
+        m_g = m_b[:, None] & (o_k[None, :] < H)
+        p_g = p_dgbuf + o_grow[:, None] * (4 * H) + o_k[None, :]
+        b_dh = tl.dot(tl.load(p_g, mask=m_g, other=0.0, cache_modifier=".cg"), b_wi, input_precision=DOT_PRECISION)
+        b_dh += tl.dot(tl.load(p_g + H, mask=m_g, other=0.0, cache_modifier=".cg"), b_wf, input_precision=DOT_PRECISION)
+        b_dh += tl.dot(tl.load(p_g + 2 * H, mask=m_g, other=0.0, cache_modifier=".cg"), b_wg, input_precision=DOT_PRECISION)
+        b_dh += tl.dot(tl.load(p_g + 3 * H, mask=m_g, other=0.0, cache_modifier=".cg"), b_wo, input_precision=DOT_PRECISION)
+    else:
+        b_dh = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=tl.float32)
+        for k0 in range(0, HP, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_g = m_b[:, None] & (o_k[None, :] < H)
+            p_g = p_dgbuf + o_grow[:, None] * (4 * H) + o_k[None, :]
+            b_ki, b_kf, b_kg, b_ko = _load_w_slice(p_w_d, o_k, o_n, H, True)
+            b_dh = tl.dot(tl.load(p_g, mask=m_g, other=0.0, cache_modifier=".cg"), b_ki, b_dh, input_precision=DOT_PRECISION)
+            b_dh = tl.dot(tl.load(p_g + H, mask=m_g, other=0.0, cache_modifier=".cg"), b_kf, b_dh, input_precision=DOT_PRECISION)
+            b_dh = tl.dot(tl.load(p_g + 2 * H, mask=m_g, other=0.0, cache_modifier=".cg"), b_kg, b_dh, input_precision=DOT_PRECISION)
+            b_dh = tl.dot(tl.load(p_g + 3 * H, mask=m_g, other=0.0, cache_modifier=".cg"), b_ko, b_dh, input_precision=DOT_PRECISION)
+    return b_dh
+
+
+@triton.jit
+def _bwd_step(
+    s, T, B, i_d, o_b, m_b, b_len, o_n,
+    p_w_d, b_wi, b_wf, b_wg, b_wo,
+    p_dout, p_dhn, p_gates, p_cs, p_c0, p_dgbuf, p_dc, p_dh0, p_dgates,
+    H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
+    RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One backward phase for one hidden chunk, shared by every schedule: dh from the previous
+    phase's dgates (the recurrent dot), this step's dgates, the carried dc, all stores.
+    Phase T only produces dh0."""
+    m_n = o_n < H
+    m_bn = m_b[:, None] & m_n[None, :]
+    o_state = (i_d * B + o_b)[:, None] * H + o_n[None, :]
+    # [BB, BN] dh_t coming back from the step after t (in the direction's own time order)
+    b_dh_rec = _bwd_recurrent(
+        s, i_d, B, o_b, m_b, o_n, p_dgbuf, p_w_d, b_wi, b_wf, b_wg, b_wo,
+        H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION,
+    )
+    # phase 0 starts from dh_n; a row's last valid step was phase len_b - 1, so dh0 lands now
+    b_dhn = tl.load(p_dhn + o_state, mask=m_bn & (s == 0), other=0.0)
+    b_dh = tl.where(s == 0, b_dhn, b_dh_rec)
+    tl.store(p_dh0 + o_state, b_dh, mask=m_bn & (s == b_len)[:, None])
+
+    b_valid = (s < b_len) & m_b
+    m_valid = b_valid[:, None]
+    m_load = m_valid & m_n[None, :]
+    # backward walks the forward direction from each row's end; fill rows use t = s
+    b_t = tl.where(b_valid & (i_d == 0), b_len - 1 - s, s).to(tl.int64)
+    o_row = (b_t * B + o_b) * D + i_d
+    o_seq = o_row[:, None] * H + o_n[None, :]
+    p_gates_row = p_gates + o_row[:, None] * (4 * H) + o_n[None, :]
+    b_i = tl.load(p_gates_row, mask=m_load, other=0.0).to(tl.float32)
+    b_f = tl.load(p_gates_row + H, mask=m_load, other=0.0).to(tl.float32)
+    b_g = tl.load(p_gates_row + 2 * H, mask=m_load, other=0.0).to(tl.float32)
+    b_o = tl.load(p_gates_row + 3 * H, mask=m_load, other=0.0).to(tl.float32)
+    b_c = tl.load(p_cs + o_seq, mask=m_load, other=0.0)
+    # the cell state this step started from: its time neighbour in cs, or c0 at the edge
+    b_tp = tl.where(i_d == 0, b_t - 1, b_t + 1)
+    m_tp = ((b_tp >= 0) & (b_tp < T))[:, None]
+    o_prev = ((b_tp * B + o_b) * D + i_d)[:, None] * H + o_n[None, :]
+    b_c_prev = tl.load(p_cs + o_prev, mask=m_load & m_tp, other=0.0)
+    b_c_prev += tl.load(p_c0 + o_state, mask=m_load & (~m_tp), other=0.0)
+    b_dout = tl.load(p_dout + o_seq, mask=m_load, other=0.0).to(tl.float32)
+    b_dc_carry = tl.load(p_dc + o_state, mask=m_bn, other=0.0)
+
+    b_dh_t = b_dh + b_dout
+    b_tanh_c = _tanh(b_c)
+    b_dc_t = b_dc_carry + b_dh_t * b_o * (1.0 - b_tanh_c * b_tanh_c)
+    b_di = tl.where(m_valid, b_dc_t * b_g * b_i * (1.0 - b_i), 0.0)
+    b_df = tl.where(m_valid, b_dc_t * b_c_prev * b_f * (1.0 - b_f), 0.0)
+    b_dg = tl.where(m_valid, b_dc_t * b_i * (1.0 - b_g * b_g), 0.0)
+    b_do = tl.where(m_valid, b_dh_t * b_tanh_c * b_o * (1.0 - b_o), 0.0)
+    # outside a sequence the state passes through untouched, and so does its gradient
+    tl.store(p_dc + o_state, tl.where(m_valid, b_dc_t * b_f, b_dc_carry), mask=m_bn)
+
+    m_step = m_bn & (s < T)
+    dtype = p_dgates.dtype.element_ty
+    p_dg_row = p_dgates + o_row[:, None] * (4 * H) + o_n[None, :]
+    tl.store(p_dg_row, b_di.to(dtype), mask=m_step)
+    tl.store(p_dg_row + H, b_df.to(dtype), mask=m_step)
+    tl.store(p_dg_row + 2 * H, b_dg.to(dtype), mask=m_step)
+    tl.store(p_dg_row + 3 * H, b_do.to(dtype), mask=m_step)
+    # the other ping-pong half, read by every chunk's dot next phase (zero on invalid rows)
+    sdtype = p_dgbuf.dtype.element_ty
+    p_next = p_dgbuf + ((((s + 1) % 2) * D + i_d) * B + o_b)[:, None] * (4 * H) + o_n[None, :]
+    tl.store(p_next, b_di.to(sdtype), mask=m_step)
+    tl.store(p_next + H, b_df.to(sdtype), mask=m_step)
+    tl.store(p_next + 2 * H, b_dg.to(sdtype), mask=m_step)
+    tl.store(p_next + 3 * H, b_do.to(sdtype), mask=m_step)
+
+
+@triton.jit(do_not_specialize=["T", "B", "s_begin", "s_end"])
+def _lstm_bwd_kernel(
+    p_dout, p_dhn, p_w, p_len, p_gates, p_cs, p_c0, p_dgbuf, p_dc, p_dh0, p_dgates, p_sync,
+    T, B, s_begin, s_end,
+    H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_CHUNKS: tl.constexpr,
+    RESIDENT: tl.constexpr, SYNC: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Backward recurrence, phases [s_begin, s_end) of 0..T (see _bwd_step); SYNC as forward."""
+    i_b, i_n, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_b = (i_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    m_b = o_b < B
+    if HAS_LENGTHS:
+        b_len = tl.load(p_len + o_b, mask=m_b, other=0).to(tl.int32)
+    else:
+        b_len = tl.zeros([BLOCK_B], dtype=tl.int32) + T
+    p_w_d = p_w + i_d * (4 * H * H)
+    if RESIDENT:
+        tl.static_assert(N_CHUNKS == 1)
+        b_wi, b_wf, b_wg, b_wo = _load_w_slice(p_w_d, tl.arange(0, HP), i_n * BLOCK_N + tl.arange(0, BLOCK_N), H, True)
+    else:
+        b_wi, b_wf, b_wg, b_wo = None, None, None, None
+    n_members = tl.num_programs(1)
+    p_count = p_sync + i_d * tl.num_programs(0) + i_b
+    for s in range(s_begin, s_end):
+        for j in range(N_CHUNKS):
+            o_n = (i_n * N_CHUNKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+            _bwd_step(
+                s, T, B, i_d, o_b, m_b, b_len, o_n,
+                p_w_d, b_wi, b_wf, b_wg, b_wo,
+                p_dout, p_dhn, p_gates, p_cs, p_c0, p_dgbuf, p_dc, p_dh0, p_dgates,
+                H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION,
+            )
+        if SYNC == 1:
+            tl.debug_barrier()
+        if SYNC == 2:
+            if s + 1 < s_end:
+                _group_barrier(p_count, (s - s_begin + 1) * n_members)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: schedule choice and launchers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one recurrence call is laid out (see the schedule notes at the top of the file)."""
+
+    schedule: str
+    block_b: int  # batch rows per program (>= 16 for tl.dot)
+    block_n: int  # hidden units per chunk
+    hp: int  # H padded to a power of two >= 16
+    resident: bool  # W_hh slice loaded once before the time loop, else streamed per K chunk
+    block_k: int = 32  # K chunk when streaming
+    num_warps: int = 4
+
+    def grid(self, B, D):
+        chunk_programs = 1 if self.schedule == "tile" else self.hp // self.block_n
+        return (triton.cdiv(B, self.block_b), chunk_programs, D)
+
+    @property
+    def chunks_per_program(self):
+        return self.hp // self.block_n if self.schedule == "tile" else 1
+
+
+def _pow2_at_least(n, floor=MIN_DOT):
+    return max(floor, triton.next_power_of_2(n))
+
+
+def _sm_count(device):
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _slice_fits(hp, block_n, dtype, precision):
+    elems = 4 * hp * block_n
+    if dtype == torch.float32 and precision == "ieee":
+        return elems <= RESIDENT_ELEMS_FMA
+    return elems * torch.finfo(dtype).bits // 8 <= RESIDENT_BYTES_MMA
+
+
+def plan_schedule(B, D, H, dtype, device, schedule=None, block_n=None, resident=None):
+    """The Plan for a [*, B, D, 4H] recurrence. `schedule`, `block_n` and `resident` force a
+    choice (tests, benchmarks); the defaults follow the rules at the top of the file."""
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    hp = _pow2_at_least(H)
+    if block_n is not None and (block_n < MIN_DOT or block_n & (block_n - 1) or block_n > hp):
+        raise ValueError(f"block_n must be a power of two in [{MIN_DOT}, {hp}], got {block_n}")
+    on_gpu = device.type == "cuda" and not INTERPRET
+    forced = schedule is not None
+    precision = dot_precision(dtype, device)
+    block_k = min(hp, 32)
+    if schedule is None:
+        schedule = "tile" if hp <= TILE_MAX_HP else "persistent"
+
+    if schedule == "tile":
+        if block_n is None:
+            block_n = hp if hp <= TILE_RESIDENT_HP else 32
+        if resident is None:
+            resident = block_n == hp and hp <= TILE_RESIDENT_HP
+        if resident and block_n != hp:
+            raise ValueError("a resident tile program holds all of W_hh: block_n must equal the padded H")
+        return Plan("tile", MIN_DOT, block_n, hp, resident, block_k, num_warps=4 if hp <= 32 else 8)
+
+    block_b = min(_pow2_at_least(B), 64)
+    n_bt = triton.cdiv(B, block_b)
+    if block_n is None:
+        if on_gpu:
+            # the smallest chunks whose grid still fits the SMs: the least W_hh per program
+            block_n = MIN_DOT
+            while block_n < hp and D * n_bt * (hp // block_n) > _sm_count(device):
+                block_n *= 2
+        else:
+            block_n = hp if schedule == "persistent" else min(hp, 32)
+    n_members = hp // block_n
+    slice_fits = _slice_fits(hp, block_n, dtype, precision)
+    if schedule == "persistent":
+        grid_fits = D * n_bt * n_members <= _sm_count(device)
+        if on_gpu and not (grid_fits and slice_fits):
+            if forced:
+                raise ValueError(f"persistent grid {D}x{n_bt}x{n_members} or its W_hh slice does not fit this GPU")
+            schedule = "stepwise"
+        elif not on_gpu and n_members > 1:
+            # programs run one after another here: a multi-program barrier would never open
+            raise ValueError("off-GPU the persistent schedule needs one program per group; use stepwise")
+    if schedule == "persistent":
+        if resident is False:
+            raise ValueError("the persistent schedule always keeps its W_hh slice resident")
+        resident = True
+    elif resident is None:
+        resident = slice_fits
+    return Plan(schedule, block_b, block_n, hp, resident, block_k, num_warps=8)
+
+
+def dot_precision(dtype, device):
+    """Input precision of the fp32 recurrent dot: follows cuDNN's RNN TF32 switch on CUDA."""
+    if dtype != torch.float32 or device.type != "cuda":
+        return "ieee"
+    return "tf32" if rnn_allows_tf32() else "ieee"
+
+
+def rnn_allows_tf32():
+    """Whether nn.LSTM's cuDNN path may use TF32 right now (new fp32_precision API first)."""
+    cudnn = torch.backends.cudnn
+    rnn = getattr(getattr(cudnn, "rnn", None), "fp32_precision", None)
+    if rnn is None:  # torch without the fp32_precision settings
+        return bool(cudnn.allow_tf32)
+    for precision in (rnn, getattr(cudnn, "fp32_precision", "none"), getattr(torch.backends, "fp32_precision", "none")):
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
+def _check_device(t):
+    if t.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 before import)")
+
+
+def _run(kernel, plan, T, B, D, n_steps, args, meta):
+    """Launch `kernel` over steps 0..n_steps-1 with the plan's schedule."""
+    grid = plan.grid(B, D)
+    meta = dict(
+        meta,
+        HP=plan.hp,
+        BLOCK_B=plan.block_b,
+        BLOCK_N=plan.block_n,
+        BLOCK_K=plan.block_k,
+        N_CHUNKS=plan.chunks_per_program,
+        RESIDENT=plan.resident,
+        num_warps=plan.num_warps,
+    )
+    device = args[0].device
+    if plan.schedule == "persistent":
+        # one monotonic counter per (batch tile, direction) group, fresh for every launch
+        sync = torch.zeros(grid[0] * D, dtype=torch.int32, device=device)
+        if COOPERATIVE and device.type == "cuda":
+            meta["launch_cooperative_grid"] = True
+        kernel[grid](*args, sync, T, B, 0, n_steps, SYNC=2, **meta)
+        return
+    sync = torch.empty(1, dtype=torch.int32, device=device)  # never touched
+    if plan.schedule == "tile":
+        kernel[grid](*args, sync, T, B, 0, n_steps, SYNC=1, **meta)
+        return
+    for s in range(n_steps):
+        kernel[grid](*args, sync, T, B, s, s + 1, SYNC=0, **meta)
+
+
+def recurrence_forward(gx, w_hh, h0, c0, lengths=None, *, schedule=None, block_n=None, resident=None):
+    """See the contract in vectorized.py. `schedule`/`block_n` force a Plan (tests, benchmarks)."""
+    _check_device(gx)
+    T, B, D, G = gx.shape
+    H = G // 4
+    plan = plan_schedule(B, D, H, gx.dtype, gx.device, schedule, block_n, resident)
+    gx = gx.contiguous()
+    w = w_hh.to(gx.dtype).contiguous()
+    out = gx.new_empty(T, B, D, H)
+    gates = gx.new_empty(T, B, D, G)
+    cs = gx.new_empty(T, B, D, H, dtype=torch.float32)
+    h_n = gx.new_empty(D, B, H)
+    h_buf = gx.new_empty(2, D, B, H)
+    h_buf[0].copy_(h0)
+    c0_f = gx.new_empty(D, B, H, dtype=torch.float32).copy_(c0)
+    c = c0_f.clone()  # the running cell state; holds c_n at the end
+    has_lengths = lengths is not None
+    p_len = lengths.contiguous() if has_lengths else c0_f
+    _run(
+        _lstm_fwd_kernel, plan, T, B, D, T,
+        (gx, w, p_len, h_buf, c, c0_f, out, gates, cs, h_n),
+        dict(H=H, D=D, HAS_LENGTHS=has_lengths, DOT_PRECISION=dot_precision(gx.dtype, gx.device)),
+    )
+    return out, h_n, c.to(gx.dtype), gates, cs
+
+
+def recurrence_backward(
+    dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None, *, schedule=None, block_n=None, resident=None
+):
+    """See the contract in vectorized.py; dh0 and dc0 come back in fp32 like the vectorized path."""
+    _check_device(gates)
+    T, B, D, G = gates.shape
+    H = G // 4
+    dtype = gates.dtype
+    plan = plan_schedule(B, D, H, dtype, gates.device, schedule, block_n, resident)
+    w = w_hh.to(dtype).contiguous()
+    dout = dout.reshape(T, B, D, H).contiguous()
+    dgates = gates.new_empty(T, B, D, G)
+    # dgates exchange for the recurrent dot, in the dot's input dtype; phase 0 reads zeros
+    dg_buf = gates.new_zeros(2, D, B, G)
+    dh_n_f = gates.new_empty(D, B, H, dtype=torch.float32).copy_(dh_n)
+    dc = gates.new_empty(D, B, H, dtype=torch.float32).copy_(dc_n)  # running dc; dc0 at the end
+    c0_f = gates.new_empty(D, B, H, dtype=torch.float32).copy_(c0)
+    dh0 = gates.new_empty(D, B, H, dtype=torch.float32)
+    has_lengths = lengths is not None
+    p_len = lengths.contiguous() if has_lengths else c0_f
+    _run(
+        _lstm_bwd_kernel, plan, T, B, D, T + 1,
+        (dout, dh_n_f, w, p_len, gates.contiguous(), cs.contiguous(), c0_f, dg_buf, dc, dh0, dgates),
+        dict(H=H, D=D, HAS_LENGTHS=has_lengths, DOT_PRECISION=dot_precision(dtype, gates.device)),
+    )
+    return dgates, dh0, dc
