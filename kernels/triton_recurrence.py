@@ -71,6 +71,7 @@ What the interpreter cannot show (only a GPU can):
     and the schedule thresholds above.
 """
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -109,13 +110,18 @@ COOPERATIVE = _cooperative_supported()
 @triton.jit
 def _tanh(x):
     # libdevice is unavailable to the interpreter, and 2*sigmoid(2x)-1 loses relative precision
-    # near 0: use (1-e)/(1+e), e = exp(-2|x|), and a 4-term series where that cancels.
+    # near 0: use (1-e)/(1+e), e = exp(-2|x|), and a 4-term series where that cancels. The
+    # series' error is 0.022 x^8 relative; the switch point keeps both sides at dtype precision.
+    if x.dtype == tl.float64:
+        SERIES_BELOW: tl.constexpr = 0.015
+    else:
+        SERIES_BELOW: tl.constexpr = 0.125
     a = tl.abs(x)
     e = tl.exp(-2.0 * a)
     t = (1.0 - e) / (1.0 + e)
     x2 = x * x
     series = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * -0.05396825396825397)))
-    return tl.where(a < 0.125, series, tl.where(x < 0, -t, t))
+    return tl.where(a < SERIES_BELOW, series, tl.where(x < 0, -t, t))
 
 
 @triton.jit
@@ -156,7 +162,7 @@ def _group_barrier(p_count, target):
 def _fwd_recurrent(
     s, i_d, B, o_b, m_b, o_n, p_hbuf, p_w_d, b_wi, b_wf, b_wg, b_wo,
     H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
-    RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """[BB, BN] x 4: h_{t-1} @ W_k^T for one chunk. h comes from the ping-pong half s % 2."""
     o_hrow = ((s % 2) * D + i_d) * B + o_b  # [BB] rows of the [2*D*B, H] buffer
@@ -170,10 +176,10 @@ def _fwd_recurrent(
         b_ro = tl.dot(b_h, b_wo, input_precision=DOT_PRECISION)
     else:
         # W streamed from L2 in K chunks: bounded registers whatever H is
-        b_ri = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=tl.float32)
-        b_rf = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=tl.float32)
-        b_rg = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=tl.float32)
-        b_ro = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=tl.float32)
+        b_ri = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=ACC)
+        b_rf = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=ACC)
+        b_rg = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=ACC)
+        b_ro = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=ACC)
         for k0 in range(0, HP, BLOCK_K):
             o_k = k0 + tl.arange(0, BLOCK_K)
             m_h = m_b[:, None] & (o_k[None, :] < H)
@@ -192,7 +198,7 @@ def _fwd_step(
     p_w_d, b_wi, b_wf, b_wg, b_wo,
     p_gx, p_hbuf, p_c, p_c0, p_out, p_gates, p_cs, p_hn,
     H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
-    RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """One forward step for one hidden chunk, shared by every schedule: the recurrent dot,
     the gate nonlinearities, the cell/hidden update and all stores."""
@@ -205,14 +211,14 @@ def _fwd_step(
     o_row = (b_t * B + o_b) * D + i_d  # [BB] rows of the [T*B*D, *] views
     b_ri, b_rf, b_rg, b_ro = _fwd_recurrent(
         s, i_d, B, o_b, m_b, o_n, p_hbuf, p_w_d, b_wi, b_wf, b_wg, b_wo,
-        H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION,
+        H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION, ACC,
     )
     p_gx_row = p_gx + o_row[:, None] * (4 * H) + o_n[None, :]
     # [BB, BN] pre-activations, fp32
-    b_i = tl.sigmoid(b_ri + tl.load(p_gx_row, mask=m_bn, other=0.0).to(tl.float32))
-    b_f = tl.sigmoid(b_rf + tl.load(p_gx_row + H, mask=m_bn, other=0.0).to(tl.float32))
-    b_g = _tanh(b_rg + tl.load(p_gx_row + 2 * H, mask=m_bn, other=0.0).to(tl.float32))
-    b_o = tl.sigmoid(b_ro + tl.load(p_gx_row + 3 * H, mask=m_bn, other=0.0).to(tl.float32))
+    b_i = tl.sigmoid(b_ri + tl.load(p_gx_row, mask=m_bn, other=0.0).to(ACC))
+    b_f = tl.sigmoid(b_rf + tl.load(p_gx_row + H, mask=m_bn, other=0.0).to(ACC))
+    b_g = _tanh(b_rg + tl.load(p_gx_row + 2 * H, mask=m_bn, other=0.0).to(ACC))
+    b_o = tl.sigmoid(b_ro + tl.load(p_gx_row + 3 * H, mask=m_bn, other=0.0).to(ACC))
 
     o_state = (i_d * B + o_b)[:, None] * H + o_n[None, :]  # [D, B, H] state tensors
     b_c_prev = tl.load(p_c + o_state, mask=m_bn, other=0.0)
@@ -247,6 +253,7 @@ def _lstm_fwd_kernel(
     H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_CHUNKS: tl.constexpr,
     RESIDENT: tl.constexpr, SYNC: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Forward recurrence, steps [s_begin, s_end). SYNC: 0 none (one launch per step),
     1 CTA barrier (tile), 2 group barrier on p_sync (persistent)."""
@@ -273,7 +280,7 @@ def _lstm_fwd_kernel(
                 s, T, B, i_d, o_b, m_b, b_len, o_n,
                 p_w_d, b_wi, b_wf, b_wg, b_wo,
                 p_gx, p_hbuf, p_c, p_c0, p_out, p_gates, p_cs, p_hn,
-                H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION,
+                H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION, ACC,
             )
         if SYNC == 1:
             tl.debug_barrier()
@@ -286,7 +293,7 @@ def _lstm_fwd_kernel(
 def _bwd_recurrent(
     s, i_d, B, o_b, m_b, o_n, p_dgbuf, p_w_d, b_wi, b_wf, b_wg, b_wo,
     H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
-    RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """[BB, BN]: sum_k dgates_k @ W_k for one chunk, dgates from the ping-pong half s % 2."""
     o_grow = ((s % 2) * D + i_d) * B + o_b  # [BB] rows of the [2*D*B, 4H] buffer
@@ -299,7 +306,7 @@ def _bwd_recurrent(
         b_dh += tl.dot(tl.load(p_g + 2 * H, mask=m_g, other=0.0, cache_modifier=".cg"), b_wg, input_precision=DOT_PRECISION)
         b_dh += tl.dot(tl.load(p_g + 3 * H, mask=m_g, other=0.0, cache_modifier=".cg"), b_wo, input_precision=DOT_PRECISION)
     else:
-        b_dh = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=tl.float32)
+        b_dh = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=ACC)
         for k0 in range(0, HP, BLOCK_K):
             o_k = k0 + tl.arange(0, BLOCK_K)
             m_g = m_b[:, None] & (o_k[None, :] < H)
@@ -318,7 +325,7 @@ def _bwd_step(
     p_w_d, b_wi, b_wf, b_wg, b_wo,
     p_dout, p_dhn, p_gates, p_cs, p_c0, p_dgbuf, p_dc, p_dh0, p_dgates,
     H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
-    RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """One backward phase for one hidden chunk, shared by every schedule: dh from the previous
     phase's dgates (the recurrent dot), this step's dgates, the carried dc, all stores.
@@ -329,7 +336,7 @@ def _bwd_step(
     # [BB, BN] dh_t coming back from the step after t (in the direction's own time order)
     b_dh_rec = _bwd_recurrent(
         s, i_d, B, o_b, m_b, o_n, p_dgbuf, p_w_d, b_wi, b_wf, b_wg, b_wo,
-        H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION,
+        H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION, ACC,
     )
     # phase 0 starts from dh_n; a row's last valid step was phase len_b - 1, so dh0 lands now
     b_dhn = tl.load(p_dhn + o_state, mask=m_bn & (s == 0), other=0.0)
@@ -344,10 +351,10 @@ def _bwd_step(
     o_row = (b_t * B + o_b) * D + i_d
     o_seq = o_row[:, None] * H + o_n[None, :]
     p_gates_row = p_gates + o_row[:, None] * (4 * H) + o_n[None, :]
-    b_i = tl.load(p_gates_row, mask=m_load, other=0.0).to(tl.float32)
-    b_f = tl.load(p_gates_row + H, mask=m_load, other=0.0).to(tl.float32)
-    b_g = tl.load(p_gates_row + 2 * H, mask=m_load, other=0.0).to(tl.float32)
-    b_o = tl.load(p_gates_row + 3 * H, mask=m_load, other=0.0).to(tl.float32)
+    b_i = tl.load(p_gates_row, mask=m_load, other=0.0).to(ACC)
+    b_f = tl.load(p_gates_row + H, mask=m_load, other=0.0).to(ACC)
+    b_g = tl.load(p_gates_row + 2 * H, mask=m_load, other=0.0).to(ACC)
+    b_o = tl.load(p_gates_row + 3 * H, mask=m_load, other=0.0).to(ACC)
     b_c = tl.load(p_cs + o_seq, mask=m_load, other=0.0)
     # the cell state this step started from: its time neighbour in cs, or c0 at the edge
     b_tp = tl.where(i_d == 0, b_t - 1, b_t + 1)
@@ -355,7 +362,7 @@ def _bwd_step(
     o_prev = ((b_tp * B + o_b) * D + i_d)[:, None] * H + o_n[None, :]
     b_c_prev = tl.load(p_cs + o_prev, mask=m_load & m_tp, other=0.0)
     b_c_prev += tl.load(p_c0 + o_state, mask=m_load & (~m_tp), other=0.0)
-    b_dout = tl.load(p_dout + o_seq, mask=m_load, other=0.0).to(tl.float32)
+    b_dout = tl.load(p_dout + o_seq, mask=m_load, other=0.0).to(ACC)
     b_dc_carry = tl.load(p_dc + o_state, mask=m_bn, other=0.0)
 
     b_dh_t = b_dh + b_dout
@@ -391,6 +398,7 @@ def _lstm_bwd_kernel(
     H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_CHUNKS: tl.constexpr,
     RESIDENT: tl.constexpr, SYNC: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Backward recurrence, phases [s_begin, s_end) of 0..T (see _bwd_step); SYNC as forward."""
     i_b, i_n, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -415,7 +423,7 @@ def _lstm_bwd_kernel(
                 s, T, B, i_d, o_b, m_b, b_len, o_n,
                 p_w_d, b_wi, b_wf, b_wg, b_wo,
                 p_dout, p_dhn, p_gates, p_cs, p_c0, p_dgbuf, p_dc, p_dh0, p_dgates,
-                H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION,
+                H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION, ACC,
             )
         if SYNC == 1:
             tl.debug_barrier()
@@ -462,7 +470,7 @@ def _sm_count(device):
 
 def _slice_fits(hp, block_n, dtype, precision):
     elems = 4 * hp * block_n
-    if dtype == torch.float32 and precision == "ieee":
+    if dtype == torch.float64 or (dtype == torch.float32 and precision == "ieee"):
         return elems <= RESIDENT_ELEMS_FMA
     return elems * torch.finfo(dtype).bits // 8 <= RESIDENT_BYTES_MMA
 
@@ -542,7 +550,32 @@ def rnn_allows_tf32():
 
 def _check_device(t):
     if t.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 before import)")
+        raise RuntimeError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
+
+
+def state_dtype(dtype):
+    """Cell state and gradient accumulation: fp32 at least (fp64 for fp64), as vectorized.py."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _empty(like, *shape, dtype=None):
+    """Every output buffer the kernels must fill completely (tests swap in NaN-filled ones)."""
+    return like.new_empty(shape, dtype=dtype)
+
+
+_FORCED = {}
+
+
+@contextmanager
+def forced_plan(schedule=None, block_n=None, resident=None):
+    """Force the schedule of every recurrence call inside the block (tests, benchmarks)."""
+    global _FORCED
+    saved = _FORCED
+    _FORCED = {"schedule": schedule, "block_n": block_n, "resident": resident}
+    try:
+        yield
+    finally:
+        _FORCED = saved
 
 
 def _run(kernel, plan, T, B, D, n_steps, args, meta):
@@ -574,55 +607,68 @@ def _run(kernel, plan, T, B, D, n_steps, args, meta):
         kernel[grid](*args, sync, T, B, s, s + 1, SYNC=0, **meta)
 
 
+def _plan(B, D, H, dtype, device, schedule, block_n, resident):
+    """plan_schedule with explicit arguments first, then whatever forced_plan set."""
+    explicit = {"schedule": schedule, "block_n": block_n, "resident": resident}
+    chosen = {k: v if v is not None else _FORCED.get(k) for k, v in explicit.items()}
+    return plan_schedule(B, D, H, dtype, device, **chosen)
+
+
+def _meta(dtype, device, H, D, has_lengths):
+    acc = tl.float64 if state_dtype(dtype) == torch.float64 else tl.float32
+    return dict(H=H, D=D, HAS_LENGTHS=has_lengths, DOT_PRECISION=dot_precision(dtype, device), ACC=acc)
+
+
 def recurrence_forward(gx, w_hh, h0, c0, lengths=None, *, schedule=None, block_n=None, resident=None):
-    """See the contract in vectorized.py. `schedule`/`block_n` force a Plan (tests, benchmarks)."""
+    """See the contract in vectorized.py. `schedule`, `block_n`, `resident` force a Plan."""
     _check_device(gx)
     T, B, D, G = gx.shape
     H = G // 4
-    plan = plan_schedule(B, D, H, gx.dtype, gx.device, schedule, block_n, resident)
+    dtype, sdtype = gx.dtype, state_dtype(gx.dtype)
+    plan = _plan(B, D, H, dtype, gx.device, schedule, block_n, resident)
     gx = gx.contiguous()
-    w = w_hh.to(gx.dtype).contiguous()
-    out = gx.new_empty(T, B, D, H)
-    gates = gx.new_empty(T, B, D, G)
-    cs = gx.new_empty(T, B, D, H, dtype=torch.float32)
-    h_n = gx.new_empty(D, B, H)
-    h_buf = gx.new_empty(2, D, B, H)
+    w = w_hh.to(dtype).contiguous()
+    out = _empty(gx, T, B, D, H)
+    gates = _empty(gx, T, B, D, G)
+    cs = _empty(gx, T, B, D, H, dtype=sdtype)
+    h_n = _empty(gx, D, B, H)
+    h_buf = gx.new_empty(2, D, B, H)  # ping-pong h exchange; half 0 starts as h0
     h_buf[0].copy_(h0)
-    c0_f = gx.new_empty(D, B, H, dtype=torch.float32).copy_(c0)
-    c = c0_f.clone()  # the running cell state; holds c_n at the end
+    c0_s = gx.new_empty(D, B, H, dtype=sdtype).copy_(c0)
+    c = c0_s.clone()  # the running cell state; holds c_n at the end
     has_lengths = lengths is not None
-    p_len = lengths.contiguous() if has_lengths else c0_f
+    p_len = lengths.contiguous() if has_lengths else c0_s  # never read without lengths
     _run(
         _lstm_fwd_kernel, plan, T, B, D, T,
-        (gx, w, p_len, h_buf, c, c0_f, out, gates, cs, h_n),
-        dict(H=H, D=D, HAS_LENGTHS=has_lengths, DOT_PRECISION=dot_precision(gx.dtype, gx.device)),
+        (gx, w, p_len, h_buf, c, c0_s, out, gates, cs, h_n),
+        _meta(dtype, gx.device, H, D, has_lengths),
     )
-    return out, h_n, c.to(gx.dtype), gates, cs
+    return out, h_n, c.to(dtype), gates, cs
 
 
 def recurrence_backward(
     dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None, *, schedule=None, block_n=None, resident=None
 ):
-    """See the contract in vectorized.py; dh0 and dc0 come back in fp32 like the vectorized path."""
+    """See the contract in vectorized.py; dh0 and dc0 come back in the state dtype."""
     _check_device(gates)
     T, B, D, G = gates.shape
     H = G // 4
-    dtype = gates.dtype
-    plan = plan_schedule(B, D, H, dtype, gates.device, schedule, block_n, resident)
+    dtype, sdtype = gates.dtype, state_dtype(gates.dtype)
+    plan = _plan(B, D, H, dtype, gates.device, schedule, block_n, resident)
     w = w_hh.to(dtype).contiguous()
     dout = dout.reshape(T, B, D, H).contiguous()
-    dgates = gates.new_empty(T, B, D, G)
+    dgates = _empty(gates, T, B, D, G)
+    dh0 = _empty(gates, D, B, H, dtype=sdtype)
     # dgates exchange for the recurrent dot, in the dot's input dtype; phase 0 reads zeros
     dg_buf = gates.new_zeros(2, D, B, G)
-    dh_n_f = gates.new_empty(D, B, H, dtype=torch.float32).copy_(dh_n)
-    dc = gates.new_empty(D, B, H, dtype=torch.float32).copy_(dc_n)  # running dc; dc0 at the end
-    c0_f = gates.new_empty(D, B, H, dtype=torch.float32).copy_(c0)
-    dh0 = gates.new_empty(D, B, H, dtype=torch.float32)
+    dh_n_s = gates.new_empty(D, B, H, dtype=sdtype).copy_(dh_n)
+    dc = gates.new_empty(D, B, H, dtype=sdtype).copy_(dc_n)  # running dc; dc0 at the end
+    c0_s = gates.new_empty(D, B, H, dtype=sdtype).copy_(c0)
     has_lengths = lengths is not None
-    p_len = lengths.contiguous() if has_lengths else c0_f
+    p_len = lengths.contiguous() if has_lengths else c0_s
     _run(
         _lstm_bwd_kernel, plan, T, B, D, T + 1,
-        (dout, dh_n_f, w, p_len, gates.contiguous(), cs.contiguous(), c0_f, dg_buf, dc, dh0, dgates),
-        dict(H=H, D=D, HAS_LENGTHS=has_lengths, DOT_PRECISION=dot_precision(dtype, gates.device)),
+        (dout, dh_n_s, w, p_len, gates.contiguous(), cs.contiguous(), c0_s, dg_buf, dc, dh0, dgates),
+        _meta(dtype, gates.device, H, D, has_lengths),
     )
     return dgates, dh0, dc
