@@ -1,0 +1,153 @@
+"""benchmarks/run.py: the --quick smoke run, and its correctness gate.
+
+The gate matters more than the timings: a fast kernel that computes the wrong thing must come
+out as WRONG, untimed, with a failing exit status. Each planted bug below is one a real kernel
+could have, sized to sit just above the fp32 tolerance (1e-4) or to hide in one place only.
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bilstm_fast import FastBiLSTM
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_PY = REPO / "benchmarks" / "run.py"
+
+
+def load_run():
+    spec = importlib.util.spec_from_file_location("benchmarks_run", RUN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run = load_run()
+
+
+def test_quick_cli_writes_checked_rows(tmp_path):
+    """The CLI end to end: every implementation checked and timed in both modes, the packed
+    variant with its ratio, and JSON + CSV (+ PNG with matplotlib) in --out."""
+    proc = subprocess.run(
+        [sys.executable, str(RUN_PY), "--quick", "--shapes", "mnist,varlen", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "median ms" in proc.stdout and "WRONG" not in proc.stdout
+    (json_path,) = tmp_path.glob("*_quick.json")
+    assert json_path.with_suffix(".csv").exists()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert json_path.with_suffix(".png").exists()
+    result = json.loads(json_path.read_text())
+    assert result["machine"]["torch"] == torch.__version__
+    rows = result["rows"]
+    impls = {r["impl"] for r in rows}
+    assert {"fast-vectorized", "nn.LSTM", "vanilla"} <= impls
+    for r in rows:
+        assert r["correct"] and r["check_rel_err"] < r["check_tolerance"], r
+        assert 0 < r["q20_ms"] <= r["median_ms"] <= r["q80_ms"], r
+        assert r["tokens_per_s"] > 0 and r["gflop"] > 0 and r["floor_ms"] > 0
+    # one row per (impl, mode, shape variant): mnist, varlen/packed, varlen/padded
+    assert len(rows) == len(impls) * 2 * 3
+    for r in rows:
+        if r["impl"] == "nn.LSTM":
+            assert r["speedup_vs_nn_lstm"] == pytest.approx(1.0)
+        if r["variant"] == "packed":
+            assert r["packed_over_padded"] > 0
+            assert r["tokens"] < r["B"] * r["T"]  # the packed batch has padding to skip
+
+
+class ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward scales the gradient: a kernel with a wrong backward only."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class Planted(FastBiLSTM):
+    """FastBiLSTM with one bug planted after the real computation."""
+
+    bug = None
+
+    def forward(self, input, hx=None):
+        out, state = super().forward(input, hx)
+        if self.bug == "output-off-by-1e-3":
+            out = out * (1 + 1e-3)
+        elif self.bug == "gradient-off-by-1e-3":
+            out = ScaleGrad.apply(out, 1 + 1e-3)
+        elif self.bug == "one-batch-row-stale":
+            out = out.clone()
+            out[:, -1] = out[:, -1].detach()  # the last sequence gets no gradient
+        return out, state
+
+
+def swapped_directions(lstm):
+    """nn.LSTM with the forward and reverse weights exchanged: directions mixed up."""
+    swapped = type(lstm)(lstm.input_size, lstm.hidden_size, lstm.num_layers, bidirectional=True)
+    state = lstm.state_dict()
+    for name in state:
+        if name.endswith("_reverse"):
+            forward = name[: -len("_reverse")]
+            state[name], state[forward] = state[forward], state[name]
+    swapped.load_state_dict(state)
+    return swapped
+
+
+def planted(bug):
+    def build(lstm):
+        model = Planted.from_lstm(lstm, backend="vectorized")
+        model.bug = bug
+        return model
+
+    return build
+
+
+WRONG = {
+    "output-off-by-1e-3": planted("output-off-by-1e-3"),
+    "gradient-off-by-1e-3": planted("gradient-off-by-1e-3"),
+    "one-batch-row-stale": planted("one-batch-row-stale"),
+    "directions-swapped": lambda lstm: FastBiLSTM.from_lstm(swapped_directions(lstm), backend="vectorized"),
+}
+
+
+@pytest.mark.parametrize("bug", list(WRONG))
+def test_wrong_implementation_is_reported_not_timed(bug, tmp_path, capsys):
+    impls = [run.Impl("fast-vectorized", lambda lstm: FastBiLSTM.from_lstm(lstm, backend="vectorized")),
+             run.Impl(f"planted-{bug}", WRONG[bug])]
+    status = run.main(["--quick", "--shapes", "mnist", "--modes", "training", "--out", str(tmp_path)], impls=impls)
+    assert status == 1
+    printed = capsys.readouterr().out
+    assert "WRONG" in printed and "FAILED" in printed
+    (json_path,) = tmp_path.glob("*.json")
+    rows = {r["impl"]: r for r in json.loads(json_path.read_text())["rows"]}
+    good, bad = rows["fast-vectorized"], rows[f"planted-{bug}"]
+    assert good["correct"] and good["median_ms"] > 0
+    assert not bad["correct"] and bad["check_rel_err"] > bad["check_tolerance"]
+    assert "median_ms" not in bad  # never timed
+
+
+def test_flops_count_by_hand():
+    # one layer, bidirectional, B*T = 6 tokens, I=5, H=8: 2*4H*(I+H) per token and direction
+    shape = run.Shape("t", B=2, T=3, I=5, H=8)
+    assert run.lstm_flops(shape, "inference") == 2 * 32 * (5 + 8) * 2 * 6
+    # backward: dh (H), dW_hh (H), dW_ih (I); no dx for the first layer
+    assert run.lstm_flops(shape, "training") == (2 * 32 * 13 + 2 * 32 * (16 + 5)) * 2 * 6
+    two = run.Shape("t", B=2, T=3, I=5, H=8, layers=2, bidirectional=False)
+    second = 2 * 32 * (8 + 8) + 2 * 32 * (16 + 8 + 8)  # input is H wide; dx counted
+    assert run.lstm_flops(two, "training") == (2 * 32 * 13 + 2 * 32 * 21 + second) * 6
+
+
+def test_quantiles_of_samples():
+    stats = run.quantiles([5.0, 1.0, 2.0, 4.0, 3.0])
+    assert stats["median_s"] == 3.0 and stats["samples"] == 5
+    assert 1.0 < stats["q20_s"] < 3.0 < stats["q80_s"] < 5.0
