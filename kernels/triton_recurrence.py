@@ -108,6 +108,14 @@ COOPERATIVE = _cooperative_supported()
 
 
 @triton.jit
+def _sigmoid(x):
+    # not tl.sigmoid (nor tl.zeros: tl.full instead): triton.language's own @jit helpers are
+    # fixed as compiled or interpreted when triton is imported; this module must run under the
+    # interpreter whenever its own kernels do (see tests/test_triton.py)
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
 def _tanh(x):
     # libdevice is unavailable to the interpreter, and 2*sigmoid(2x)-1 loses relative precision
     # near 0: use (1-e)/(1+e), e = exp(-2|x|), and a 4-term series where that cancels. The
@@ -176,10 +184,10 @@ def _fwd_recurrent(
         b_ro = tl.dot(b_h, b_wo, input_precision=DOT_PRECISION)
     else:
         # W streamed from L2 in K chunks: bounded registers whatever H is
-        b_ri = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=ACC)
-        b_rf = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=ACC)
-        b_rg = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=ACC)
-        b_ro = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=ACC)
+        b_ri = tl.full([o_b.shape[0], o_n.shape[0]], 0.0, ACC)
+        b_rf = tl.full([o_b.shape[0], o_n.shape[0]], 0.0, ACC)
+        b_rg = tl.full([o_b.shape[0], o_n.shape[0]], 0.0, ACC)
+        b_ro = tl.full([o_b.shape[0], o_n.shape[0]], 0.0, ACC)
         for k0 in range(0, HP, BLOCK_K):
             o_k = k0 + tl.arange(0, BLOCK_K)
             m_h = m_b[:, None] & (o_k[None, :] < H)
@@ -215,10 +223,10 @@ def _fwd_step(
     )
     p_gx_row = p_gx + o_row[:, None] * (4 * H) + o_n[None, :]
     # [BB, BN] pre-activations, fp32
-    b_i = tl.sigmoid(b_ri + tl.load(p_gx_row, mask=m_bn, other=0.0).to(ACC))
-    b_f = tl.sigmoid(b_rf + tl.load(p_gx_row + H, mask=m_bn, other=0.0).to(ACC))
+    b_i = _sigmoid(b_ri + tl.load(p_gx_row, mask=m_bn, other=0.0).to(ACC))
+    b_f = _sigmoid(b_rf + tl.load(p_gx_row + H, mask=m_bn, other=0.0).to(ACC))
     b_g = _tanh(b_rg + tl.load(p_gx_row + 2 * H, mask=m_bn, other=0.0).to(ACC))
-    b_o = tl.sigmoid(b_ro + tl.load(p_gx_row + 3 * H, mask=m_bn, other=0.0).to(ACC))
+    b_o = _sigmoid(b_ro + tl.load(p_gx_row + 3 * H, mask=m_bn, other=0.0).to(ACC))
 
     o_state = (i_d * B + o_b)[:, None] * H + o_n[None, :]  # [D, B, H] state tensors
     b_c_prev = tl.load(p_c + o_state, mask=m_bn, other=0.0)
@@ -263,7 +271,7 @@ def _lstm_fwd_kernel(
     if HAS_LENGTHS:
         b_len = tl.load(p_len + o_b, mask=m_b, other=0).to(tl.int32)
     else:
-        b_len = tl.zeros([BLOCK_B], dtype=tl.int32) + T
+        b_len = tl.full([BLOCK_B], 0, tl.int32) + T
     p_w_d = p_w + i_d * (4 * H * H)
     if RESIDENT:
         # one chunk per program: its W_hh slice stays on chip for the whole time loop
@@ -306,7 +314,7 @@ def _bwd_recurrent(
         b_dh += tl.dot(tl.load(p_g + 2 * H, mask=m_g, other=0.0, cache_modifier=".cg"), b_wg, input_precision=DOT_PRECISION)
         b_dh += tl.dot(tl.load(p_g + 3 * H, mask=m_g, other=0.0, cache_modifier=".cg"), b_wo, input_precision=DOT_PRECISION)
     else:
-        b_dh = tl.zeros([o_b.shape[0], o_n.shape[0]], dtype=ACC)
+        b_dh = tl.full([o_b.shape[0], o_n.shape[0]], 0.0, ACC)
         for k0 in range(0, HP, BLOCK_K):
             o_k = k0 + tl.arange(0, BLOCK_K)
             m_g = m_b[:, None] & (o_k[None, :] < H)
@@ -407,7 +415,7 @@ def _lstm_bwd_kernel(
     if HAS_LENGTHS:
         b_len = tl.load(p_len + o_b, mask=m_b, other=0).to(tl.int32)
     else:
-        b_len = tl.zeros([BLOCK_B], dtype=tl.int32) + T
+        b_len = tl.full([BLOCK_B], 0, tl.int32) + T
     p_w_d = p_w + i_d * (4 * H * H)
     if RESIDENT:
         tl.static_assert(N_CHUNKS == 1)
