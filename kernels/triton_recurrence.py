@@ -36,12 +36,14 @@ every dim >= 16 and tl.arange powers of two (batch tiles are padded to >= 16 row
   - HP <= 128: tile, 16 batch rows per program. W_hh is small and a step is little work: one
     program per batch tile and direction needs no barrier at all. W_hh resident when
     HP <= 64 (one chunk covers H), streamed in 32-wide chunks for HP = 128.
-  - HP > 128 on a GPU: persistent, batch tiles of up to 64 rows, BLOCK_N the smallest power of
+  - HP > 128 on a GPU: persistent, batch tiles of up to 32 rows, BLOCK_N the smallest power of
     two >= 16 such that D * batch_tiles * HP/BLOCK_N <= SM count, if the W slice 4*HP*BLOCK_N
     fits the on-chip budget (64 KiB for tensor-core dots: fp16/bf16/TF32; 8K elements for IEEE
     fp32, whose FMA dot replicates K per thread). Otherwise stepwise, streamed when the slice
     does not fit. The budgets come from ptxas -v on sm_90 (no spills with 8 warps); the
     thresholds between schedules are first guesses, to be measured on a GPU.
+    Stepwise programs own 32-wide chunks (no barrier, so any grid size works); their W slice
+    is resident when it fits the same budget, streamed otherwise.
   - Off-GPU (interpreter) persistent runs only when each group is one program (its barrier
     then never waits); the planner picks that for HP > 128, and stepwise can be forced.
 
@@ -82,6 +84,9 @@ SCHEDULES = ("tile", "persistent", "stepwise")
 MIN_DOT = 16  # smallest M, N, K tl.dot accepts
 TILE_MAX_HP = 128  # padded H up to which one program walks all of H (tile schedule)
 TILE_RESIDENT_HP = 64  # ... and keeps all of W_hh on chip
+STEPWISE_BLOCK_N = 32  # hidden chunk per program of the one-launch-per-step schedule
+RESIDENT_BLOCK_B = 32  # batch rows of a persistent (or resident stepwise) program
+STREAM_BLOCK_B = 64  # batch rows of a streaming stepwise program
 # On-chip W_hh slice budgets, from ptxas -v on sm_90 (no spills at these sizes with 8 warps):
 # tensor-core dots (fp16, bf16, TF32) hold 64 KiB; IEEE fp32 dots run on the FMA units, which
 # replicate the K extent per thread, so they hold far less.
@@ -507,34 +512,44 @@ def plan_schedule(B, D, H, dtype, device, schedule=None, block_n=None, resident=
             raise ValueError("a resident tile program holds all of W_hh: block_n must equal the padded H")
         return Plan("tile", MIN_DOT, block_n, hp, resident, block_k, num_warps=4 if hp <= 32 else 8)
 
-    block_b = min(_pow2_at_least(B), 64)
+    # batch rows per program: the [BLOCK_B, *] operand and gate tiles, with a resident W slice
+    # beside them, spill beyond 32 rows (ptxas, sm_90); streaming programs can take 64
+    block_b = min(_pow2_at_least(B), RESIDENT_BLOCK_B)
     n_bt = triton.cdiv(B, block_b)
-    if block_n is None:
-        if on_gpu:
-            # the smallest chunks whose grid still fits the SMs: the least W_hh per program
-            block_n = MIN_DOT
-            while block_n < hp and D * n_bt * (hp // block_n) > _sm_count(device):
-                block_n *= 2
-        else:
-            block_n = hp if schedule == "persistent" else min(hp, 32)
-    n_members = hp // block_n
-    slice_fits = _slice_fits(hp, block_n, dtype, precision)
     if schedule == "persistent":
+        explicit_block_n = block_n is not None
+        if block_n is None:
+            if on_gpu:
+                # the smallest chunks whose grid still fits the SMs: the least W_hh per program
+                block_n = MIN_DOT
+                while block_n < hp and D * n_bt * (hp // block_n) > _sm_count(device):
+                    block_n *= 2
+            else:
+                block_n = hp
+        n_members = hp // block_n
         grid_fits = D * n_bt * n_members <= _sm_count(device)
+        slice_fits = _slice_fits(hp, block_n, dtype, precision)
         if on_gpu and not (grid_fits and slice_fits):
             if forced:
                 raise ValueError(f"persistent grid {D}x{n_bt}x{n_members} or its W_hh slice does not fit this GPU")
             schedule = "stepwise"
+            if not explicit_block_n:
+                block_n = None  # stepwise needs no co-residency: keep its chunks narrow
         elif not on_gpu and n_members > 1:
             # programs run one after another here: a multi-program barrier would never open
             raise ValueError("off-GPU the persistent schedule needs one program per group; use stepwise")
     if schedule == "persistent":
         if resident is False:
             raise ValueError("the persistent schedule always keeps its W_hh slice resident")
-        resident = True
-    elif resident is None:
-        resident = slice_fits
-    return Plan(schedule, block_b, block_n, hp, resident, block_k, num_warps=8)
+        return Plan("persistent", block_b, block_n, hp, True, block_k, num_warps=8)
+    # stepwise: one launch per step, any number of programs
+    if block_n is None:
+        block_n = min(hp, STEPWISE_BLOCK_N)
+    if resident is None:
+        resident = _slice_fits(hp, block_n, dtype, precision)
+    if not resident:
+        block_b = min(_pow2_at_least(B), STREAM_BLOCK_B)
+    return Plan("stepwise", block_b, block_n, hp, resident, block_k, num_warps=8)
 
 
 def dot_precision(dtype, device):

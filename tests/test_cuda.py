@@ -53,7 +53,8 @@ CASES = [
     (40, 16, 32, 256, 1, torch.float32, True, None),  # IEEE fp32 slice too big on chip: stepwise
     (40, 16, 32, 256, 2, torch.float16, True, None),  # persistent, 16 programs per group
     (40, 16, 32, 256, 1, torch.bfloat16, True, None),
-    (25, 70, 10, 300, 1, torch.float16, True, None),  # persistent, two batch tiles, H padded to 512
+    (25, 40, 10, 300, 1, torch.float16, True, None),  # 132 SMs: persistent, 2 batch tiles, H padded to 512
+    (25, 70, 10, 300, 1, torch.float16, True, None),  # 3 batch tiles: W slice too big, stepwise fallback
     (25, 70, 10, 300, 1, torch.bfloat16, False, dict(schedule="stepwise", block_n=16, resident=False)),
     (9, 1, 3, 20, 1, torch.float16, False, None),  # tile, B = 1
     (9, 1, 3, 20, 1, torch.bfloat16, True, dict(schedule="tile", block_n=16, resident=False)),

@@ -12,6 +12,7 @@ would deadlock: the persistent schedule runs here with one program per group; it
 the cross-program h exchange are covered by the stepwise schedule (one launch per step).
 """
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -249,8 +250,38 @@ def test_plan_tile_by_hidden_size(H, schedule, block_n, resident):
 
 def test_plan_large_hidden_off_gpu_is_one_program_per_group():
     plan = tr.plan_schedule(70, 2, 300, torch.float16, CPU)
-    assert (plan.schedule, plan.hp, plan.block_n, plan.block_b) == ("persistent", 512, 512, 64)
-    assert plan.grid(70, 2) == (2, 1, 2)
+    assert (plan.schedule, plan.hp, plan.block_n, plan.block_b) == ("persistent", 512, 512, 32)
+    assert plan.grid(70, 2) == (3, 1, 2)
+
+
+GPU_PLANS = [  # (B, H, dtype, tf32) -> (schedule, block_b, block_n, resident) on a 132-SM GPU
+    ((16, 256, torch.float16, False), ("persistent", 16, 16, True)),  # 2 x 16 programs, 32 KiB slices
+    ((64, 512, torch.float16, False), ("persistent", 32, 16, True)),  # 2 batch tiles x 2 x 32 programs
+    ((70, 300, torch.bfloat16, False), ("stepwise", 64, 32, False)),  # 3 tiles need 32-wide chunks: 128 KiB
+    ((16, 1024, torch.float16, False), ("stepwise", 16, 32, False)),  # 128 KiB slice: off chip
+    ((4096, 1024, torch.float16, False), ("stepwise", 64, 32, False)),  # 128 batch tiles: grid too big
+    ((16, 256, torch.float32, True), ("persistent", 16, 16, True)),  # TF32: tensor cores, 64 KiB
+    ((16, 256, torch.float32, False), ("stepwise", 16, 32, False)),  # IEEE fp32 runs on FMA units
+    ((16, 100, torch.float32, False), ("tile", 16, 32, False)),
+]
+
+
+def gpu_plan_id(args):
+    B, H, dtype, tf32 = args
+    return f"B{B}-H{H}-{DTYPE_NAMES.get(dtype, 'bf16')}" + ("-tf32" if tf32 else "")
+
+
+@pytest.mark.parametrize("args, expected", [pytest.param(a, e, id=gpu_plan_id(a)) for a, e in GPU_PLANS])
+def test_plan_on_a_132_sm_gpu(monkeypatch, args, expected):
+    """The planner's GPU branch is plain Python: check its choices with the SM count patched in."""
+    B, H, dtype, tf32 = args
+    monkeypatch.setattr(tr, "INTERPRET", False)
+    monkeypatch.setattr(tr, "_sm_count", lambda device: 132)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
+        plan = tr.plan_schedule(B, 2, H, dtype, torch.device("cuda"))
+    assert (plan.schedule, plan.block_b, plan.block_n, plan.resident) == expected
+    if plan.schedule == "persistent":
+        assert math.prod(plan.grid(B, 2)) <= 132
 
 
 def test_plan_rejects_what_cannot_run():
@@ -329,7 +360,7 @@ COMPILE_SCRIPT = textwrap.dedent(
     cases = [  # (dtype, precision, plan, sync, cap)
         ("fp32", "ieee", tr.Plan("tile", 16, 32, 32, True), 1, 90),
         ("fp32", "tf32", tr.Plan("tile", 16, 32, 128, False, num_warps=8), 1, 80),
-        ("fp16", "ieee", tr.Plan("persistent", 64, 16, 256, True, num_warps=8), 2, 90),
+        ("fp16", "ieee", tr.Plan("persistent", 32, 16, 256, True, num_warps=8), 2, 90),
         ("bf16", "ieee", tr.Plan("stepwise", 64, 16, 2048, False, num_warps=8), 0, 90),
     ]
     for dtype, precision, plan, sync, cap in cases:
