@@ -466,7 +466,8 @@ def peak_memory(fn, device):
 
 
 def run_case(shape, precision, impls, device, args, rates, log):
-    """Rows for one (shape, precision): each implementation checked, then timed per mode."""
+    """Rows for one (shape, precision): each implementation checked, then timed per mode.
+    An implementation that fails the check, or raises, gets untimed rows saying so."""
     dtype = precision.dtype
     torch.manual_seed(0)
     base = nn.LSTM(shape.I, shape.H, num_layers=shape.layers, bidirectional=shape.bidirectional, device=device)
@@ -479,54 +480,71 @@ def run_case(shape, precision, impls, device, args, rates, log):
     rows = []
     with Fp32Math(precision.math):
         for impl in impls:
-            model = impl.build(base).to(dtype)
+            try:
+                model, build_error = impl.build(base).to(dtype), None
+            except Exception as error:  # noqa: BLE001 - reported in the row, the run goes on
+                model, build_error = None, error
             for variant, packed in variants:
-                check_x, check_dout, reference = checks[variant]
-                start = time.perf_counter()
-                err, where = relative_error(results_of(model, check_x, check_dout), reference)
-                tolerance = TOLERANCE[precision.label()]
-                ok = err <= tolerance
                 row_base = dict(impl=impl.name, shape=shape.name, shape_label=shape.label(), variant=variant,
                                 dtype=precision.label(), B=shape.B, T=shape.T, I=shape.I, H=shape.H,
-                                layers=shape.layers, directions=shape.D, note=shape.note,
-                                check_rel_err=err, check_tolerance=tolerance, check_worst=where, correct=ok)
+                                layers=shape.layers, directions=shape.D, note=shape.note)
+                row_base.update(check(model, build_error, checks[variant], TOLERANCE[precision.label()]))
                 log(f"  check {impl.name:16s} {shape.name}{'/' + variant if variant else ''} {precision.label()}: "
-                    f"rel err {err:.1e} (tol {tolerance:.0e}) {'ok' if ok else 'WRONG at ' + where}"
-                    f" [{time.perf_counter() - start:.1f} s]")
+                    + (f"ERROR {row_base['error']}" if "error" in row_base else
+                       f"rel err {row_base['check_rel_err']:.1e} (tol {row_base['check_tolerance']:.0e}) "
+                       + ("ok" if row_base["correct"] else "WRONG at " + row_base["check_worst"])))
                 for mode in args.modes:
                     row = dict(row_base, mode=mode)
                     rows.append(row)
-                    if not ok:
-                        continue
-                    pool = [make_inputs(shape, dtype, device, seed=s, packed=packed) for s in range(3)]
-                    state = {"k": 0}
-
-                    def step():
-                        x, dout = pool[state["k"] % len(pool)]
-                        state["k"] += 1
-                        return call(model, mode, x, dout)
-
-                    if mode == "inference":
-                        model.eval()
-                    else:
-                        model.train()
-                    stats = measure(step, device, args.min_time)
-                    tokens = valid_tokens(pool[0][0]) or shape.B * shape.T
-                    flops = lstm_flops(shape, mode, tokens)
-                    median = stats["median_s"]
-                    row.update(
-                        median_ms=1e3 * median, q20_ms=1e3 * stats["q20_s"], q80_ms=1e3 * stats["q80_s"],
-                        samples=stats["samples"], per_step_us=1e6 * median / shape.T,
-                        tokens_per_s=tokens / median, tokens=tokens, gflop=flops / 1e9,
-                        floor_ms=1e3 * flops / rates[precision.label()],
-                        peak_mb=peak_memory(step, device) / 2**20,
-                    )
-                    row["floor_share"] = row["floor_ms"] / row["median_ms"]
-                    log(f"    {mode:9s} {row['median_ms']:10.2f} ms  [{row['q20_ms']:.2f}, {row['q80_ms']:.2f}]"
-                        f"  {row['samples']} samples")
+                    if row["correct"]:
+                        row.update(time_row(model, mode, shape, precision, packed, device, args, rates))
+                        log(f"    {mode:9s} " + (f"ERROR {row['error']}" if "error" in row else
+                            f"{row['median_ms']:10.2f} ms  [{row['q20_ms']:.2f}, {row['q80_ms']:.2f}]  {row['samples']} samples"))
             del model
     fill_ratios(rows)
     return rows
+
+
+def check(model, build_error, case_check, tolerance):
+    """The correctness gate for one implementation on one case: fields for its rows."""
+    check_x, check_dout, reference = case_check
+    verdict = dict(check_tolerance=tolerance, correct=False)
+    if build_error is not None:
+        return dict(verdict, error=f"building it: {build_error!r}"[:300])
+    try:
+        err, where = relative_error(results_of(model, check_x, check_dout), reference)
+    except Exception as error:  # noqa: BLE001
+        return dict(verdict, error=f"checking it: {error!r}"[:300])
+    return dict(verdict, check_rel_err=err, check_worst=where, correct=err <= tolerance)
+
+
+def time_row(model, mode, shape, precision, packed, device, args, rates):
+    """Timing, throughput, floor and peak-memory fields of one row."""
+    pool = [make_inputs(shape, precision.dtype, device, seed=s, packed=packed) for s in range(3)]
+    state = {"k": 0}
+
+    def step():
+        x, dout = pool[state["k"] % len(pool)]
+        state["k"] += 1
+        return call(model, mode, x, dout)
+
+    model.train(mode == "training")
+    try:
+        stats = measure(step, device, args.min_time)
+        peak = peak_memory(step, device)
+    except Exception as error:  # noqa: BLE001 - an OOM in one row must not end the run
+        return {"error": f"timing it: {error!r}"[:300]}
+    tokens = valid_tokens(pool[0][0]) or shape.B * shape.T
+    flops = lstm_flops(shape, mode, tokens)
+    median = stats["median_s"]
+    row = dict(
+        median_ms=1e3 * median, q20_ms=1e3 * stats["q20_s"], q80_ms=1e3 * stats["q80_s"],
+        samples=stats["samples"], per_step_us=1e6 * median / shape.T,
+        tokens_per_s=tokens / median, tokens=tokens, gflop=flops / 1e9,
+        floor_ms=1e3 * flops / rates[precision.label()], peak_mb=peak / 2**20,
+    )
+    row["floor_share"] = row["floor_ms"] / row["median_ms"]
+    return row
 
 
 def fill_ratios(rows):
@@ -635,7 +653,9 @@ def table_cells(row):
             value = f"[{row['q20_ms']:.2f}, {row['q80_ms']:.2f}]" if "q20_ms" in row else None
         else:
             value = row.get(key)
-        if key == "median_ms" and not row["correct"]:
+        if key == "median_ms" and "error" in row:
+            cells.append("ERROR")
+        elif key == "median_ms" and not row["correct"]:
             cells.append(f"WRONG ({row['check_rel_err']:.1e})")
         elif value is None:
             cells.append("-")
@@ -890,7 +910,7 @@ def run(args, impls):
             for prec in precs:
                 log(f"{shape.label()} {prec.label()}{' [' + shape.note + ']' if shape.note else ''}")
                 result["rows"] += run_case(shape, prec, impls, device, args, rates, log)
-        if not all(r["correct"] for r in result["rows"]):
+        if not all(r["correct"] and "error" not in r for r in result["rows"]):
             status = 1
     if args.mnist or args.mnist_only:
         result["mnist"] = run_mnist(args, device, impls, log)
@@ -907,7 +927,10 @@ def run(args, impls):
     notes = sorted({r["note"] for r in result["rows"] if r["note"]})
     if notes:
         log("shape notes: " + "; ".join(notes))
-    if status:
+    for row in result["rows"]:
+        if "error" in row:
+            log(f"ERROR {row['impl']} {row['mode']} {row['shape']} {row['dtype']}: {row['error']}")
+    if any(not r["correct"] and "error" not in r for r in result["rows"]):
         log("FAILED: an implementation disagrees with the float64 reference (rows marked WRONG); it was not timed")
     if not args.no_files:
         stem = f"{device_slug(info)}_{datetime.date.today().isoformat()}" + ("_quick" if args.quick else "")

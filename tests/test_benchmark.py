@@ -151,3 +151,20 @@ def test_quantiles_of_samples():
     stats = run.quantiles([5.0, 1.0, 2.0, 4.0, 3.0])
     assert stats["median_s"] == 3.0 and stats["samples"] == 5
     assert 1.0 < stats["q20_s"] < 3.0 < stats["q80_s"] < 5.0
+
+
+def test_implementation_that_raises_is_reported_and_the_run_goes_on(tmp_path, capsys):
+    def broken(lstm):
+        model = FastBiLSTM.from_lstm(lstm, backend="vectorized")
+        model.forward = lambda *args: (_ for _ in ()).throw(RuntimeError("kernel launch failed"))
+        return model
+
+    impls = [run.Impl("broken", broken),
+             run.Impl("fast-vectorized", lambda lstm: FastBiLSTM.from_lstm(lstm, backend="vectorized"))]
+    status = run.main(["--quick", "--shapes", "mnist", "--modes", "inference", "--out", str(tmp_path)], impls=impls)
+    assert status == 1
+    assert "kernel launch failed" in capsys.readouterr().out
+    (json_path,) = tmp_path.glob("*.json")
+    rows = {r["impl"]: r for r in json.loads(json_path.read_text())["rows"]}
+    assert "kernel launch failed" in rows["broken"]["error"] and "median_ms" not in rows["broken"]
+    assert rows["fast-vectorized"]["median_ms"] > 0
