@@ -74,7 +74,7 @@ gpu = torch.cuda.get_device_name(dev)
 SHAPES = [  # (T, B, H, dtype)
     (128, 64, 64, torch.float16), (128, 64, 128, torch.float16), (128, 64, 256, torch.float16),
     (128, 64, 512, torch.float16), (64, 16, 1024, torch.float16), (64, 256, 256, torch.float16),
-    (128, 64, 256, torch.float32), (128, 64, 256, torch.bfloat16),
+    (128, 64, 256, torch.float32), (128, 64, 256, torch.bfloat16), (32, 4096, 1024, torch.float16),
 ]
 PLANS = {
     "auto": {}, "tile": dict(schedule="tile"),

@@ -39,11 +39,12 @@ every dim >= 16 and tl.arange powers of two (batch tiles are padded to >= 16 row
   - HP > 128 on a GPU: persistent, batch tiles of up to 32 rows, BLOCK_N the smallest power of
     two >= 16 such that D * batch_tiles * HP/BLOCK_N <= SM count, if the W slice 4*HP*BLOCK_N
     fits the on-chip budget (64 KiB for tensor-core dots: fp16/bf16/TF32; 8K elements for IEEE
-    fp32, whose FMA dot replicates K per thread). Otherwise stepwise, streamed when the slice
-    does not fit. The budgets come from ptxas -v on sm_90 (no spills with 8 warps); the
-    thresholds between schedules are first guesses, to be measured on a GPU.
-    Stepwise programs own 32-wide chunks (no barrier, so any grid size works); their W slice
-    is resident when it fits the same budget, streamed otherwise.
+    fp32, whose FMA dot replicates K per thread). Otherwise: tile with W streamed when the
+    D * cdiv(B, 16) 16-row tiles alone fill the SMs (no launch per step), else stepwise, whose
+    programs own 32-wide chunks (no barrier, so any grid size works) with the W slice resident
+    when it fits the same budget. The budgets and the 32-row limit on resident programs come
+    from ptxas -v on sm_90 (no spills with 8 warps); the thresholds between schedules are
+    first guesses, to be measured on a GPU (benchmarks/gpu_check.sh times every schedule).
   - Off-GPU (interpreter) persistent runs only when each group is one program (its barrier
     then never waits); the planner picks that for HP > 128, and stepwise can be forced.
 
@@ -84,6 +85,7 @@ SCHEDULES = ("tile", "persistent", "stepwise")
 MIN_DOT = 16  # smallest M, N, K tl.dot accepts
 TILE_MAX_HP = 128  # padded H up to which one program walks all of H (tile schedule)
 TILE_RESIDENT_HP = 64  # ... and keeps all of W_hh on chip
+TILE_STREAM_BLOCK_N = 32  # hidden chunk of a tile program that streams W_hh
 STEPWISE_BLOCK_N = 32  # hidden chunk per program of the one-launch-per-step schedule
 RESIDENT_BLOCK_B = 32  # batch rows of a persistent (or resident stepwise) program
 STREAM_BLOCK_B = 64  # batch rows of a streaming stepwise program
@@ -505,7 +507,7 @@ def plan_schedule(B, D, H, dtype, device, schedule=None, block_n=None, resident=
 
     if schedule == "tile":
         if block_n is None:
-            block_n = hp if hp <= TILE_RESIDENT_HP else 32
+            block_n = hp if hp <= TILE_RESIDENT_HP else TILE_STREAM_BLOCK_N
         if resident is None:
             resident = block_n == hp and hp <= TILE_RESIDENT_HP
         if resident and block_n != hp:
@@ -532,6 +534,9 @@ def plan_schedule(B, D, H, dtype, device, schedule=None, block_n=None, resident=
         if on_gpu and not (grid_fits and slice_fits):
             if forced:
                 raise ValueError(f"persistent grid {D}x{n_bt}x{n_members} or its W_hh slice does not fit this GPU")
+            if D * triton.cdiv(B, MIN_DOT) >= _sm_count(device):
+                # enough batch tiles to fill the GPU on their own: no launch per step needed
+                return Plan("tile", MIN_DOT, TILE_STREAM_BLOCK_N, hp, False, block_k, num_warps=8)
             schedule = "stepwise"
             if not explicit_block_n:
                 block_n = None  # stepwise needs no co-residency: keep its chunks narrow

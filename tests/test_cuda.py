@@ -56,6 +56,7 @@ CASES = [
     (25, 40, 10, 300, 1, torch.float16, True, None),  # 132 SMs: persistent, 2 batch tiles, H padded to 512
     (25, 70, 10, 300, 1, torch.float16, True, None),  # 3 batch tiles: W slice too big, stepwise fallback
     (25, 70, 10, 300, 1, torch.bfloat16, False, dict(schedule="stepwise", block_n=16, resident=False)),
+    (10, 1100, 8, 300, 1, torch.float16, True, None),  # many batch tiles: tile with W streamed
     (9, 1, 3, 20, 1, torch.float16, False, None),  # tile, B = 1
     (9, 1, 3, 20, 1, torch.bfloat16, True, dict(schedule="tile", block_n=16, resident=False)),
 ]

@@ -259,7 +259,7 @@ GPU_PLANS = [  # (B, H, dtype, tf32) -> (schedule, block_b, block_n, resident) o
     ((64, 512, torch.float16, False), ("persistent", 32, 16, True)),  # 2 batch tiles x 2 x 32 programs
     ((70, 300, torch.bfloat16, False), ("stepwise", 64, 32, False)),  # 3 tiles need 32-wide chunks: 128 KiB
     ((16, 1024, torch.float16, False), ("stepwise", 16, 32, False)),  # 128 KiB slice: off chip
-    ((4096, 1024, torch.float16, False), ("stepwise", 64, 32, False)),  # 128 batch tiles: grid too big
+    ((4096, 1024, torch.float16, False), ("tile", 16, 32, False)),  # 2 x 256 tiles fill the GPU alone
     ((16, 256, torch.float32, True), ("persistent", 16, 16, True)),  # TF32: tensor cores, 64 KiB
     ((16, 256, torch.float32, False), ("stepwise", 16, 32, False)),  # IEEE fp32 runs on FMA units
     ((16, 100, torch.float32, False), ("tile", 16, 32, False)),
