@@ -56,7 +56,8 @@ at backward phase s == len_b. Backward needs T + 1 phases: the last one only tur
 dgates into dh0 (dh_prev = dgates @ W_hh needs every chunk's dgates, so it lands after the
 barrier that closes the step).
 
-Numerics: gates and the cell update in fp32, cell state always fp32 (state buffer and cs);
+Numerics: gates and the cell update in fp32, cell state always fp32 (state buffer and cs;
+fp64 throughout for fp64 input, as the vectorized path);
 h, out, gates, dgates stored in the input dtype; the recurrent dot reads h (dgates) in the
 input dtype like the vectorized path does. fp32 dots are TF32 when cuDNN's RNN may use TF32
 (`torch.backends.cudnn.rnn.fp32_precision`, else `torch.backends.cudnn.allow_tf32`), IEEE
@@ -69,9 +70,11 @@ What the interpreter cannot show (only a GPU can):
     whole grid (cooperative launch refuses a grid that cannot be resident instead of hanging);
   - races inside a CTA: the interpreter runs a program as one thread, so a missing
     `tl.debug_barrier()` between steps would go unnoticed there;
-  - register pressure and spills on hardware (ptxas was run offline for sm_90 only), TF32
+  - register pressure and spills on hardware (ptxas was run offline for sm_80/sm_90 only), TF32
     rounding (the interpreter's dot is plain fp32), bf16 (numpy has none), and of course speed
-    and the schedule thresholds above.
+    and the schedule thresholds above;
+  - CUDA graph capture of the persistent schedule's cooperative launch, triton 3.6 (checked
+    here with 3.8 only), and the launch overhead of stepwise's one launch per step.
 """
 import os
 from contextlib import contextmanager
