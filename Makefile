@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: setup test mnist bench textgen
+.PHONY: setup test mnist bench textgen gpu-check
 
 # torch/torchvision are pinned to the CPU machines' local builds and only installed when missing,
 # so an existing torch >= 2.11 (a GPU machine's) is left alone.
@@ -23,3 +23,8 @@ bench: setup
 
 textgen: setup
 	$(PYTHON) -m bilstm_fast.textgen --impl fast --epochs 100 --save runs/jokes.pt --prompt "Why do programmers" --next-words 40
+
+# A GPU machine with torch/triton preinstalled and no network (so no `setup`): CUDA parity suite,
+# all tests, schedule timings and benchmarks, every log and result into $(OUT)
+gpu-check:
+	bash benchmarks/gpu_check.sh $(or $(OUT),gpu-results)
