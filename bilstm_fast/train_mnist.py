@@ -250,12 +250,31 @@ def relative_differences(reference, other):
     return [abs(o - r) / abs(r) if r != 0 else abs(o) for r, o in zip(reference, other)]
 
 
+CONTROL = "torch+1ulp"
+
+
+def nudge_one_ulp(model):
+    """Move every parameter to the next float up: a rounding-sized change of the start."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
+    return model
+
+
 def run_compare(args, dist):
-    """Train nn.LSTM and FastBiLSTM side by side, step by step, on identical batches."""
+    """Train nn.LSTM and FastBiLSTM side by side, step by step, on identical batches.
+
+    With --control, a third model (nn.LSTM started one ulp away) shows how far two runs drift
+    apart from rounding alone: training amplifies ~1e-7 differences until, after a few hundred
+    steps, the runs are as different as two seeds. That drift is the yardstick for the gap."""
     train, test = load_batches(args, dist)
     models = {"torch": build_model("torch", args.seed, dist.device, args.hidden_size)}
     models["fast"] = build_model("fast", args.seed, dist.device, args.hidden_size, args.backend)
     models["fast"].load_state_dict(models["torch"].state_dict())  # identical start, not just same seed
+    if args.control:
+        models[CONTROL] = build_model("torch", args.seed, dist.device, args.hidden_size)
+        models[CONTROL].load_state_dict(models["torch"].state_dict())
+        nudge_one_ulp(models[CONTROL])
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=args.lr) for name, m in models.items()}
     losses = {name: [] for name in models}
     epochs = []
@@ -273,9 +292,11 @@ def run_compare(args, dist):
                 seconds[name] += time.perf_counter() - start
             step += 1
             if step % args.print_every == 0 or step == 1:
-                rel = relative_differences(losses["torch"][-1:], losses["fast"][-1:])[0]
-                print(f"step {step:5d}: loss torch {losses['torch'][-1]:.7f} fast {losses['fast'][-1]:.7f} "
-                      f"rel diff {rel:.2e}", flush=True)
+                line = f"step {step:5d}: loss torch {losses['torch'][-1]:.7f}"
+                for name in list(models)[1:]:
+                    rel = relative_differences(losses["torch"][-1:], losses[name][-1:])[0]
+                    line += f", {name} {losses[name][-1]:.7f} (rel diff {rel:.2e})"
+                print(line, flush=True)
             progress.update(done, lambda: f"loss torch {losses['torch'][-1]:.4f} fast {losses['fast'][-1]:.4f}")
         stats = {"epoch": epoch + 1}
         for name, model in models.items():
@@ -298,36 +319,45 @@ def run_compare(args, dist):
     return compare_summary(args, losses, epochs)
 
 
-def compare_summary(args, losses, epochs):
-    rel = relative_differences(losses["torch"], losses["fast"])
-    first = rel[: args.first_steps]
-    final = {name: epochs[-1][name]["test_accuracy"] for name in ("torch", "fast")} if epochs else {}
-    summary = {
-        "mode": "compare",
+def drift(losses, epochs, name, first_steps):
+    """How far `name`'s run is from nn.LSTM's: per-step loss and final test accuracy."""
+    rel = relative_differences(losses["torch"], losses[name])
+    final = epochs[-1][name]["test_accuracy"] - epochs[-1]["torch"]["test_accuracy"] if epochs else None
+    return {
         "steps": len(rel),
-        "first_steps": len(first),
-        "max_rel_diff_first_steps": max(first, default=0.0),
+        "first_steps": len(rel[:first_steps]),
+        "max_rel_diff_first_steps": max(rel[:first_steps], default=0.0),
         "max_rel_diff_all_steps": max(rel, default=0.0),
+        "test_accuracy_gap_points": None if final is None else abs(final),
+    }
+
+
+def compare_summary(args, losses, epochs):
+    summary = {"mode": "compare", **drift(losses, epochs, "fast", args.first_steps)}
+    if CONTROL in losses:
+        summary["control"] = {"name": CONTROL, **drift(losses, epochs, CONTROL, args.first_steps)}
+    final = {name: epochs[-1][name]["test_accuracy"] for name in losses} if epochs else {}
+    summary.update({
         "final_test_accuracy": final,
-        "test_accuracy_gap_points": abs(final["torch"] - final["fast"]) if final else None,
         "tolerances": {"rel_diff_first_steps": args.rel_tol, "accuracy_points": args.acc_tol},
         "epochs": epochs,
         "losses": losses,
-    }
-    summary["agree"] = (summary["max_rel_diff_first_steps"] <= args.rel_tol
-                        and (not final or summary["test_accuracy_gap_points"] <= args.acc_tol))
-    print(f"per-step loss, max relative difference: first {len(first)} steps "
-          f"{summary['max_rel_diff_first_steps']:.3e} (tolerance {args.rel_tol:g}), all {len(rel)} steps "
-          f"{summary['max_rel_diff_all_steps']:.3e}")
+    })
+    gap = summary["test_accuracy_gap_points"]
+    summary["agree"] = summary["max_rel_diff_first_steps"] <= args.rel_tol and (gap is None or gap <= args.acc_tol)
+    for name, d in [("fast", summary), *([(CONTROL, summary["control"])] if CONTROL in losses else [])]:
+        print(f"{name} vs torch, per-step loss, max relative difference: first {d['first_steps']} steps "
+              f"{d['max_rel_diff_first_steps']:.3e}, all {d['steps']} steps {d['max_rel_diff_all_steps']:.3e}")
     if final:
-        print(f"final test accuracy: torch {final['torch']:.2f}%  fast {final['fast']:.2f}%  "
-              f"gap {summary['test_accuracy_gap_points']:.2f} points (tolerance {args.acc_tol:g})")
-    print("implementations agree" if summary["agree"] else "implementations DISAGREE", flush=True)
+        print("final test accuracy: " + "  ".join(f"{name} {acc:.2f}%" for name, acc in final.items())
+              + f"; fast-torch gap {gap:.2f} points")
+    print(f"implementations {'agree' if summary['agree'] else 'DISAGREE'} (tolerances: first "
+          f"{args.first_steps} steps {args.rel_tol:g} relative, accuracy {args.acc_tol:g} points)", flush=True)
     return summary
 
 
 def plot_losses(summary, path):
-    """PNG of both loss curves and their relative difference; skipped without matplotlib."""
+    """PNG of both loss curves and their relative differences; skipped without matplotlib."""
     try:
         import matplotlib
 
@@ -340,14 +370,19 @@ def plot_losses(summary, path):
     losses = summary["losses"]
     steps = range(1, len(losses["torch"]) + 1)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(2, 1))
-    top.plot(steps, losses["torch"], label="nn.LSTM", linewidth=1)
-    top.plot(steps, losses["fast"], label="FastBiLSTM", linewidth=1, linestyle="--")
-    top.set_ylabel("training loss")
+    top.plot(steps, losses["torch"], label="nn.LSTM", linewidth=0.8)
+    top.plot(steps, losses["fast"], label="FastBiLSTM", linewidth=0.8, alpha=0.8)
+    top.set_ylabel("training loss (per step)")
     top.set_yscale("log")
     top.legend()
     top.set_title("MNIST BiLSTM: same initial weights, same batches")
-    bottom.semilogy(steps, [max(r, 1e-12) for r in relative_differences(losses["torch"], losses["fast"])],
-                    linewidth=0.8, color="gray")
+    for name, label in (("fast", "FastBiLSTM vs nn.LSTM"), (CONTROL, "nn.LSTM one ulp off vs nn.LSTM")):
+        if name in losses:
+            rel = relative_differences(losses["torch"], losses[name])
+            bottom.semilogy(steps, [max(r, 1e-9) for r in rel], linewidth=0.6, label=label)
+    bottom.axhline(summary["tolerances"]["rel_diff_first_steps"], color="gray", linestyle=":", linewidth=0.8)
+    bottom.axvline(summary["first_steps"], color="gray", linestyle=":", linewidth=0.8)
+    bottom.legend(fontsize="small")
     bottom.set_ylabel("relative difference")
     bottom.set_xlabel("step")
     fig.tight_layout()
@@ -435,6 +470,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--log-interval", type=float, default=None,
                    help="seconds between progress lines (default: live on a terminal, 30 in a log)")
+    p.add_argument("--control", action="store_true",
+                   help="--compare: also train nn.LSTM from weights one ulp away, to show rounding-only drift")
     p.add_argument("--print-every", type=int, default=100, help="--compare: print every N-th step's losses")
     p.add_argument("--first-steps", type=int, default=100, help="--compare: the early window checked")
     p.add_argument("--rel-tol", type=float, default=1e-4,

@@ -242,15 +242,18 @@ def one_thread():
 
 def test_compare_short_run_agrees(tmp_path, capsys, one_thread):
     """24 steps of nn.LSTM and FastBiLSTM from the same weights on the same batches, full-size
-    model. fp32 forward/backward agree to ~1e-7; Adam keeps the losses within 1e-4 (the
-    acceptance bound for the first 100 steps)."""
-    summary = main(["--compare", "--device", "cpu", "--limit", "1536", "--test-limit", "500", "--epochs", "1",
-                    "--print-every", "8", "--out", str(tmp_path)])
+    model. fp32 forward/backward agree to ~1e-7 and this early in training Adam keeps the
+    losses within 1e-4 (the acceptance bound for the first 100 steps); 0.3 points on 500 test
+    images allows one image to flip."""
+    summary = main(["--compare", "--control", "--device", "cpu", "--limit", "1536", "--test-limit", "500",
+                    "--epochs", "1", "--print-every", "8", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert summary["steps"] == 24 and len(summary["losses"]["fast"]) == 24
     assert summary["max_rel_diff_first_steps"] <= 1e-4
     assert summary["test_accuracy_gap_points"] <= 0.3
     assert summary["agree"] and "implementations agree" in out
+    # the control run (nn.LSTM one ulp off) drifts from rounding alone, by the same order
+    assert summary["control"]["steps"] == 24 and summary["control"]["max_rel_diff_all_steps"] <= 1e-4
     written = json.loads((tmp_path / "mnist_compare_cpu.json").read_text())
     assert written["max_rel_diff_all_steps"] == summary["max_rel_diff_all_steps"]
     assert (tmp_path / "mnist_compare_cpu.png").exists() or "skipping the loss plot" in out
