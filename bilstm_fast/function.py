@@ -72,6 +72,24 @@ class LSTMLayerFunction(torch.autograd.Function):
         return dx, dw_ih, dw_hh, dbias, dh0, dc0, None, None
 
 
+def check_lengths(lengths, T, B, device):
+    """lengths as the backends' contract has them: int64 [B] on x's device, 1 <= lengths <= T."""
+    if lengths is None:
+        return
+    if lengths.dtype != torch.int64 or tuple(lengths.shape) != (B,) or lengths.device != device:
+        raise ValueError(
+            f"lengths must be an int64 tensor of shape ({B},) on {device}, got {lengths.dtype} "
+            f"of shape {tuple(lengths.shape)} on {lengths.device}"
+        )
+    if B and lengths.device.type == "cpu":
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 1 or high > T:
+            raise ValueError(f"lengths must lie in [1, T={T}], got values from {low} to {high}")
+    elif B:  # no host sync on a GPU: the check fails at the next synchronization instead
+        torch._assert_async(((lengths >= 1) & (lengths <= T)).all(), "lengths must lie in [1, T]")
+
+
 def lstm_layer(x, w_ih, w_hh, bias, h0, c0, lengths=None, backend="auto"):
     """Functional entry point: see LSTMLayerFunction."""
+    check_lengths(lengths, x.shape[0], x.shape[1], x.device)
     return LSTMLayerFunction.apply(x, w_ih, w_hh, bias, h0, c0, lengths, backend)

@@ -85,3 +85,14 @@ def test_unused_outputs_get_no_gradient_trouble():
     ref = lstm_layer_reference(x, w_ih, w_hh, b, h0, c0)
     torch.testing.assert_close(g_only_out, torch.autograd.grad(ref[0].sum(), [x], retain_graph=True)[0], **F64)
     torch.testing.assert_close(g_only_c, torch.autograd.grad(ref[2].sum(), [x])[0], **F64)
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [[5, 6], [0, 3], [-1, 3], [3.0, 2.0], [3, 2, 1]],
+    ids=["longer-than-T", "zero", "negative", "float", "wrong-count"],
+)
+def test_bad_lengths_are_refused(lengths):
+    x, w_ih, w_hh, b, h0, c0 = layer_inputs(5, 2, 3, 4, 2)
+    with pytest.raises(ValueError, match="lengths must"):
+        lstm_layer(x, w_ih, w_hh, b, h0, c0, torch.tensor(lengths))
