@@ -91,7 +91,9 @@ class FastBiLSTM(nn.RNNBase):
         suffixes = ["", "_reverse"][: 2 if self.bidirectional else 1]
 
         def stacked(name):
-            return torch.stack([getattr(self, f"{name}_l{layer}{s}") for s in suffixes])
+            weights = [getattr(self, f"{name}_l{layer}{s}") for s in suffixes]
+            # one direction: a view, no copy (it shows in T=1 generation latency)
+            return weights[0].unsqueeze(0) if len(weights) == 1 else torch.stack(weights)
 
         bias = stacked("bias_ih") + stacked("bias_hh") if self.bias else None
         return stacked("weight_ih"), stacked("weight_hh"), bias
