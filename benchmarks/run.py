@@ -117,7 +117,9 @@ def select_shapes(names, device, quick):
 class VanillaLSTM(nn.Module):
     """The plain PyTorch baseline: nn.LSTMCell math, one batched step at a time, per layer and
     direction; autograd does the backward. Same parameters (names and values) as the nn.LSTM
-    it is built from. Variable lengths run padded with a mask (no packing benefit)."""
+    it is built from. Variable lengths run padded with a mask (no packing benefit). The cell
+    state is kept in at least fp32, as cuDNN and our kernels keep it, so fp16/bf16 rows compare
+    like with like."""
 
     def __init__(self, lstm):
         super().__init__()
@@ -130,8 +132,8 @@ class VanillaLSTM(nn.Module):
         gates = nn.functional.linear(x_t, getattr(self, f"weight_ih{suffix}"), getattr(self, f"bias_ih{suffix}", None))
         gates = gates + nn.functional.linear(h, getattr(self, f"weight_hh{suffix}"), getattr(self, f"bias_hh{suffix}", None))
         i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # c's precision (>= fp32)
+        return (torch.sigmoid(o) * torch.tanh(c)).to(x_t.dtype), c
 
     def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
@@ -142,12 +144,14 @@ class VanillaLSTM(nn.Module):
             x = input.transpose(0, 1) if self.batch_first else input
             valid = None
         T, B = x.shape[:2]
+        cell_dtype = torch.promote_types(x.dtype, torch.float32)
         zeros = x.new_zeros(B, self.hidden_size)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             outputs = []
             for suffix, times in ((f"_l{layer}", range(T)), (f"_l{layer}_reverse", reversed(range(T))))[: 1 + self.bidirectional]:
                 h, c = (zeros, zeros) if hx is None else (hx[0][len(h_n)], hx[1][len(h_n)])
+                c = c.to(cell_dtype)
                 out = [None] * T
                 for t in times:
                     h_new, c_new = self.cell(x[t], h, c, suffix)
@@ -162,7 +166,7 @@ class VanillaLSTM(nn.Module):
                 h_n.append(h)
                 c_n.append(c)
             x = torch.cat(outputs, dim=2)
-        state = (torch.stack(h_n), torch.stack(c_n))
+        state = (torch.stack(h_n), torch.stack(c_n).to(x.dtype))
         if packed:
             order = input.sorted_indices
             data = pack_padded_sequence(x if order is None else x.index_select(1, order),
