@@ -376,12 +376,13 @@ def plot_losses(summary, path):
     top.set_yscale("log")
     top.legend()
     top.set_title("MNIST BiLSTM: same initial weights, same batches")
-    for name, label in (("fast", "FastBiLSTM vs nn.LSTM"), (CONTROL, "nn.LSTM one ulp off vs nn.LSTM")):
+    for name, label, color in (("fast", "FastBiLSTM vs nn.LSTM", "C1"),
+                               (CONTROL, "nn.LSTM one ulp off vs nn.LSTM (control)", "gray")):
         if name in losses:
             rel = relative_differences(losses["torch"], losses[name])
-            bottom.semilogy(steps, [max(r, 1e-9) for r in rel], linewidth=0.6, label=label)
-    bottom.axhline(summary["tolerances"]["rel_diff_first_steps"], color="gray", linestyle=":", linewidth=0.8)
-    bottom.axvline(summary["first_steps"], color="gray", linestyle=":", linewidth=0.8)
+            bottom.semilogy(steps, [max(r, 1e-9) for r in rel], linewidth=0.6, label=label, color=color)
+    bottom.axhline(summary["tolerances"]["rel_diff_first_steps"], color="black", linestyle=":", linewidth=0.8)
+    bottom.axvline(summary["first_steps"], color="black", linestyle=":", linewidth=0.8)
     bottom.legend(fontsize="small")
     bottom.set_ylabel("relative difference")
     bottom.set_xlabel("step")
