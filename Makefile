@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: setup test mnist bench textgen gpu-check
+.PHONY: setup test mnist mnist-compare bench textgen gpu-check
 
 # torch/torchvision are pinned to the CPU machines' local builds and only installed when missing,
 # so an existing torch >= 2.11 (a GPU machine's) is left alone.
@@ -16,7 +16,11 @@ test: setup
 	PYTHONSAFEPATH=1 $(PYTHON) -m pytest  # import the installed package, not the checkout
 
 mnist: setup
-	$(PYTHON) -m bilstm_fast.train_mnist --impl fast
+	$(PYTHON) -m bilstm_fast.train_mnist --impl fast --save runs/mnist_bilstm.pt --out runs
+
+# nn.LSTM and FastBiLSTM from the same weights and batches, plus nn.LSTM one ulp off as a control
+mnist-compare: setup
+	$(PYTHON) -m bilstm_fast.train_mnist --compare --control --out runs
 
 bench: setup
 	$(PYTHON) benchmarks/run.py

