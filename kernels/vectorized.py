@@ -82,6 +82,10 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None):
     gates = gx.clone(memory_format=torch.contiguous_format)  # gx + h W^T, then activated, in place
     out = gx.new_empty(T, B, D, H)
     cs = gx.new_empty(T, B, D, H, dtype=state_dtype(gx.dtype))
+    # tanh runs on contiguous scratch only: on a strided view torch's float tanh makes one MKL
+    # VML call per row, and with 2+ threads each call costs 3x (see benchmarks/NOTES.md)
+    g_act = gx.new_empty(D, B, H)
+    cells = (cs.new_empty(D, B, H), cs.new_empty(D, B, H))  # ping-pong: step s writes cells[s % 2]
     tanh_c = cs.new_empty(D, B, H)
     valid = None
     if lengths is not None:
@@ -94,23 +98,27 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None):
         was_reverse = reverse
         b_gates.baddbmm_(h, w_t[reverse])
         b_gates[..., : 2 * H].sigmoid_()
-        b_gates[..., 2 * H : 3 * H].tanh_()
         b_gates[..., 3 * H :].sigmoid_()
         i, f, g, o = b_gates.chunk(4, dim=-1)
-        b_c = lane_view(cs, s)[0]
-        torch.mul(f, c, out=b_c)
-        b_c.addcmul_(i, g)  # in c's (>= fp32) precision
-        torch.tanh(b_c, out=tanh_c)
+        g_act.copy_(g).tanh_()
+        g.copy_(g_act)
+        c_new = cells[s % 2]
+        torch.mul(f, c, out=c_new)
+        c_new.addcmul_(i, g_act)  # in c's (>= fp32) precision
+        if valid is not None:
+            m = lane_view(valid, s)[0].unsqueeze(-1)  # [D, B, 1]
+            torch.where(m, c_new, c, out=c_new)  # past its end a sequence carries its state
+        lane_view(cs, s)[0].copy_(c_new)
+        torch.tanh(c_new, out=tanh_c)
         b_out = lane_view(out, s)[0]
         if valid is None:
             torch.mul(o, tanh_c, out=b_out)
-            h, c = b_out, b_c
+            h = b_out
         else:
-            m = lane_view(valid, s)[0].unsqueeze(-1)  # [D, B, 1]
             h_new = (o * tanh_c).to(gx.dtype)
-            torch.where(m, b_c, c, out=b_c)  # past its end a sequence carries its state
             torch.mul(h_new, m, out=b_out)
-            h, c = torch.where(m, h_new, h), b_c
+            h = torch.where(m, h_new, h)
+        c = c_new
     # fresh tensors in direction order: outputs must not alias each other
     h_n = (h.flip(0) if was_reverse else h).clone(memory_format=torch.contiguous_format)
     c_n = (c.flip(0) if was_reverse else c).to(gx.dtype, memory_format=torch.contiguous_format, copy=True)
@@ -135,6 +143,7 @@ def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None):
     one = torch.ones((), dtype=acc, device=gates.device)
     zero = torch.zeros((), dtype=acc, device=gates.device)
     deriv = gates.new_empty(D, B, G, dtype=acc)
+    tanh_c = cs.new_empty(D, B, H)  # contiguous: see the forward's note on tanh
     valid = None
     if lengths is not None:
         valid = valid_mask(lengths, T).unsqueeze(-1).expand(T, B, D).contiguous()  # [T, B, D]
@@ -156,7 +165,7 @@ def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None):
         d_out = lane_view(dout, s)[0]
         m = None if valid is None else lane_view(valid, s)[0].unsqueeze(-1)  # [D, B, 1]
         dh_t = dh + (d_out if m is None else d_out * m)
-        tanh_c = torch.tanh(c)
+        tanh_c.copy_(c).tanh_()
         dc_t = torch.addcmul(dc, dh_t * o, torch.addcmul(one, tanh_c, tanh_c, value=-1))
         b_dgates = lane_view(dgates, s)[0] if scratch is None else scratch
         d_i, d_f, d_g, d_o = b_dgates.chunk(4, dim=-1)
