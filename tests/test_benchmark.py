@@ -149,7 +149,7 @@ def test_flops_count_by_hand():
 
 def test_quantiles_of_samples():
     stats = run.quantiles([5.0, 1.0, 2.0, 4.0, 3.0])
-    assert stats["median_s"] == 3.0 and stats["samples"] == 5
+    assert stats["median_s"] == 3.0 and stats["samples"] == 5 and stats["min_s"] == 1.0
     assert 1.0 < stats["q20_s"] < 3.0 < stats["q80_s"] < 5.0
 
 
