@@ -90,6 +90,7 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None):
     valid = None
     if lengths is not None:
         valid = valid_mask(lengths, T).unsqueeze(-1).expand(T, B, D).contiguous()  # [T, B, D]
+        zero = torch.zeros((), dtype=gx.dtype, device=gx.device)
     h, c = h0.to(gx.dtype), c0.to(cs.dtype)
     was_reverse = False
     for s in range(T):
@@ -116,7 +117,7 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None):
             h = b_out
         else:
             h_new = (o * tanh_c).to(gx.dtype)
-            torch.mul(h_new, m, out=b_out)
+            torch.where(m, h_new, zero, out=b_out)  # select, not multiply: 0 * inf would be NaN
             h = torch.where(m, h_new, h)
         c = c_new
     # fresh tensors in direction order: outputs must not alias each other
@@ -164,7 +165,7 @@ def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None):
             c_prev = c0  # step 0 is never reversed
         d_out = lane_view(dout, s)[0]
         m = None if valid is None else lane_view(valid, s)[0].unsqueeze(-1)  # [D, B, 1]
-        dh_t = dh + (d_out if m is None else d_out * m)
+        dh_t = dh + (d_out if m is None else torch.where(m, d_out, zero))
         tanh_c.copy_(c).tanh_()
         dc_t = torch.addcmul(dc, dh_t * o, torch.addcmul(one, tanh_c, tanh_c, value=-1))
         b_dgates = lane_view(dgates, s)[0] if scratch is None else scratch
