@@ -89,7 +89,7 @@ SHAPES = {
 DEFAULT_SHAPES = {"cpu": list(SHAPES), "cuda": list(SHAPES)}
 # A 2-core CPU cannot time every implementation on the long shapes within the run's budget
 # (about 10 minutes): the CPU run shortens T there. Per-step time and tokens/s stay comparable.
-CPU_TRIMS = {"latency-b1": 256, "latency-b16": 256}
+CPU_TRIMS = {"latency-b1": 256, "latency-b16": 256, "large-batch": 50}
 
 
 def quick_shape(shape):
@@ -845,7 +845,7 @@ def parse_args(argv):
     p.add_argument("--impls", help="comma-separated implementation names (default: every available one)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
-    p.add_argument("--min-time", type=float, help="seconds of samples per row (default 1.0, 0.01 with --quick)")
+    p.add_argument("--min-time", type=float, help="seconds of samples per row, at least 5 samples (default 0.5, 0.01 with --quick)")
     p.add_argument("--out", help="directory for the JSON/CSV/PNG files (default benchmarks/results)")
     p.add_argument("--no-files", action="store_true", help="print the table only")
     p.add_argument("--mnist", action="store_true", help="also time MNIST training epochs end to end")
@@ -869,7 +869,7 @@ def parse_args(argv):
             if d not in DTYPES:
                 p.error(f"unknown dtype {d!r}")
     if args.min_time is None:
-        args.min_time = 0.01 if args.quick else 1.0
+        args.min_time = 0.01 if args.quick else 0.5
     return args
 
 
@@ -914,7 +914,9 @@ def run(args, impls):
         for shape in shapes:
             for prec in precs:
                 log(f"{shape.label()} {prec.label()}{' [' + shape.note + ']' if shape.note else ''}")
+                case_start = time.perf_counter()
                 result["rows"] += run_case(shape, prec, impls, device, args, rates, log)
+                log(f"  [{time.perf_counter() - case_start:.0f} s]")
         if not all(r["correct"] and "error" not in r for r in result["rows"]):
             status = 1
     if args.mnist or args.mnist_only:
