@@ -398,13 +398,9 @@ def test_to_double_half_and_flatten_parameters_as_nn_lstm_users_call_them(dtype)
 # ---------------------------------------------------------------------------------------- values
 
 NON_FINITE_SITES = ["x", "h0", "c0", "weight_ih_l0", "weight_hh_l0_reverse", "weight_ih_l1", "bias_hh_l1"]
-# Inputs are padded with zeros to run packed batches; 0 * inf in the padded steps' input
-# projection is NaN there, and the vectorized backend masks padded steps by multiplying with
-# the mask (NaN * 0 = NaN) instead of selecting: the NaN reaches the weight gradients, which
-# nn.LSTM (it never computes padded steps) keeps finite. Needs torch.where masks in
-# kernels/vectorized.py (out, dout and dgates); see the issue 7 report.
-PADDED_INF_WEIGHT = pytest.mark.xfail(
-    strict=True, reason="padded steps masked by multiplication in kernels/vectorized.py: 0 * inf = NaN")
+# Packed batches are padded with zeros: 0 * inf in a padded step's input projection is NaN there.
+# The backends must mask padded steps by selecting (torch.where), never by multiplying with the
+# mask (NaN * 0 = NaN), or the NaN reaches the weight gradients that nn.LSTM keeps finite.
 
 
 def non_finite_cases():
@@ -413,8 +409,7 @@ def non_finite_cases():
     for site in NON_FINITE_SITES:
         for value in ("nan", "inf", "-inf"):
             for packed in (False, True):
-                marks = [PADDED_INF_WEIGHT] if packed and "inf" in value and site.startswith("weight_ih") else []
-                yield pytest.param(site, float(value), packed, torch.float64, marks=marks,
+                yield pytest.param(site, float(value), packed, torch.float64,
                                    id=f"{site}-{value}" + ("-packed" if packed else "") + "-fp64")
     for site, value in (("x", "nan"), ("c0", "-inf"), ("weight_hh_l0_reverse", "inf"), ("weight_ih_l1", "nan")):
         yield pytest.param(site, float(value), False, torch.float32, id=f"{site}-{value}-fp32")
