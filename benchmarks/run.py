@@ -15,8 +15,9 @@ reported as WRONG, never timed, and makes the run exit with status 1):
 
 Modes: inference (forward under no_grad) and training (forward + backward of a random output
 gradient; the input does not require grad, like data). Timing: torch.utils.benchmark on the CPU,
-triton.testing.do_bench on a GPU; warm-up excluded; median with 20%/80% quantiles; inputs drawn
-once per case from a seeded normal distribution and cycled through three draws.
+with the implementations of a row sampled round-robin (a burst of load from other processes hits
+them alike), triton.testing.do_bench on a GPU; warm-up excluded; median with 20%/80% quantiles;
+inputs drawn once per case from a seeded normal distribution and cycled through three draws.
 
 Outputs (under benchmarks/results/ or --out): <device>_<date>.json and .csv with every row and
 the machine line, and a .png bar chart of speedups against nn.LSTM (needs matplotlib). See
@@ -395,23 +396,69 @@ def quantiles(samples):
             "samples": len(samples)}
 
 
-def measure(fn, device, min_time, min_samples=5):
-    """Seconds per call of fn: median and 20%/80% quantiles. The first call is warm-up."""
-    fn()
-    if device.type == "cuda":
-        return measure_cuda(fn, min_time, min_samples)
-    from torch.utils import benchmark
+class Sampler:
+    """Times one callable on the CPU: a warm-up call, then samples of one or more calls lasting
+    >= 20 ms each (torch.utils.benchmark, at the current thread count)."""
 
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    first = timer.timeit(1).times[0]
-    number = max(1, int(0.02 / max(first, 1e-9)))  # calls per sample: a sample lasts >= 20 ms
-    samples = [first] if number == 1 else []
-    if first > 1.0:
-        min_samples = 3  # a call of seconds: three samples, not a minute per row
+    def __init__(self, fn):
+        from torch.utils import benchmark
+
+        fn()  # warm-up: allocator, caches, first-call imports
+        self.timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        first = self.timer.timeit(1).times[0]
+        self.number = max(1, int(0.02 / max(first, 1e-9)))
+        self.samples = [first] if self.number == 1 else []
+        self.needed = 3 if first > 1.0 else 5  # a call of seconds: three samples, not a minute per row
+
+    def sample(self):
+        self.samples.append(self.timer.timeit(self.number).times[0])
+
+
+def measure_together(fns, device, min_time):
+    """Per-call stats of each callable (an exception it raised instead). On the CPU samples are
+    taken round-robin, so a burst of load from other processes lands on every implementation of
+    a row alike and their ratios stay meaningful; each gets >= min_time on average."""
+    if device.type == "cuda":
+        results = []
+        for fn in fns:
+            try:
+                results.append(measure(fn, device, min_time))
+            except Exception as error:  # noqa: BLE001 - reported in its row
+                results.append(error)
+        return results
+    samplers = {}
+    results = [None] * len(fns)
+    for k, fn in enumerate(fns):
+        try:
+            samplers[k] = Sampler(fn)
+        except Exception as error:  # noqa: BLE001
+            results[k] = error
     start = time.perf_counter()
-    while len(samples) < min_samples or time.perf_counter() - start < min_time:
-        samples.append(timer.timeit(number).times[0])
-    return quantiles(samples)
+    while True:
+        time_left = time.perf_counter() - start < min_time * len(samplers)
+        todo = [k for k, sampler in samplers.items() if len(sampler.samples) < sampler.needed or time_left]
+        if not todo:
+            break
+        for k in todo:
+            try:
+                samplers[k].sample()
+            except Exception as error:  # noqa: BLE001
+                results[k] = error
+                del samplers[k]
+    for k, sampler in samplers.items():
+        results[k] = quantiles(sampler.samples)
+    return results
+
+
+def measure(fn, device, min_time):
+    """Seconds per call of fn: median, 20%/80% quantiles (and min on the CPU); warm-up excluded."""
+    if device.type == "cuda":
+        fn()
+        return measure_cuda(fn, min_time, min_samples=5)
+    (result,) = measure_together([fn], device, min_time)
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def measure_cuda(fn, min_time, min_samples):
@@ -471,41 +518,49 @@ def peak_memory(fn, device):
 
 
 def run_case(shape, precision, impls, device, args, rates, log):
-    """Rows for one (shape, precision): each implementation checked, then timed per mode.
-    An implementation that fails the check, or raises, gets untimed rows saying so."""
+    """Rows for one (shape, precision): each implementation checked, then the correct ones
+    timed together per mode. One that fails the check, or raises, gets untimed rows saying so."""
     dtype = precision.dtype
     torch.manual_seed(0)
     base = nn.LSTM(shape.I, shape.H, num_layers=shape.layers, bidirectional=shape.bidirectional, device=device)
     base = base.to(dtype)  # the reference sees the same rounded weights as the implementations
     variants = [("packed", True), ("padded", False)] if shape.varlen else [("", False)]
-    checks = {}
-    for variant, packed in variants:
-        check_x, check_dout = make_inputs(shape, dtype, device, seed=99, packed=packed)
-        checks[variant] = (check_x, check_dout, reference_results(base, check_x, check_dout))
     rows = []
     with Fp32Math(precision.math):
+        models, build_errors = {}, {}
         for impl in impls:
             try:
-                model, build_error = impl.build(base).to(dtype), None
+                models[impl.name] = impl.build(base).to(dtype)
             except Exception as error:  # noqa: BLE001 - reported in the row, the run goes on
-                model, build_error = None, error
-            for variant, packed in variants:
-                row_base = dict(impl=impl.name, shape=shape.name, shape_label=shape.label(), variant=variant,
-                                dtype=precision.label(), B=shape.B, T=shape.T, I=shape.I, H=shape.H,
-                                layers=shape.layers, directions=shape.D, note=shape.note)
-                row_base.update(check(model, build_error, checks[variant], TOLERANCE[precision.label()]))
+                build_errors[impl.name] = error
+        for variant, packed in variants:
+            check_x, check_dout = make_inputs(shape, dtype, device, seed=99, packed=packed)
+            case_check = (check_x, check_dout, reference_results(base, check_x, check_dout))
+            verdicts = {}
+            for impl in impls:
+                verdict = check(models.get(impl.name), build_errors.get(impl.name), case_check,
+                                TOLERANCE[precision.label()])
+                verdicts[impl.name] = verdict
                 log(f"  check {impl.name:16s} {shape.name}{'/' + variant if variant else ''} {precision.label()}: "
-                    + (f"ERROR {row_base['error']}" if "error" in row_base else
-                       f"rel err {row_base['check_rel_err']:.1e} (tol {row_base['check_tolerance']:.0e}) "
-                       + ("ok" if row_base["correct"] else "WRONG at " + row_base["check_worst"])))
-                for mode in args.modes:
-                    row = dict(row_base, mode=mode)
+                    + (f"ERROR {verdict['error']}" if "error" in verdict else
+                       f"rel err {verdict['check_rel_err']:.1e} (tol {verdict['check_tolerance']:.0e}) "
+                       + ("ok" if verdict["correct"] else "WRONG at " + verdict["check_worst"])))
+            timed = [impl.name for impl in impls if verdicts[impl.name]["correct"]]
+            for mode in args.modes:
+                fields = dict(zip(timed, time_rows([models[name] for name in timed], mode, shape, precision,
+                                                   packed, device, args, rates)))
+                for impl in impls:
+                    row = dict(impl=impl.name, mode=mode, shape=shape.name, shape_label=shape.label(),
+                               variant=variant, dtype=precision.label(), B=shape.B, T=shape.T, I=shape.I,
+                               H=shape.H, layers=shape.layers, directions=shape.D, note=shape.note,
+                               **verdicts[impl.name], **fields.get(impl.name, {}))
                     rows.append(row)
-                    if row["correct"]:
-                        row.update(time_row(model, mode, shape, precision, packed, device, args, rates))
-                        log(f"    {mode:9s} " + (f"ERROR {row['error']}" if "error" in row else
+                    if impl.name in fields:
+                        log(f"    {impl.name:16s} {mode:9s} " + (f"ERROR {row['error']}" if "error" in row else
                             f"{row['median_ms']:10.2f} ms  [{row['q20_ms']:.2f}, {row['q80_ms']:.2f}]  {row['samples']} samples"))
-            del model
+        del models
+    order = {impl.name: k for k, impl in enumerate(impls)}
+    rows.sort(key=lambda r: (order[r["impl"]], r["variant"] == "padded", args.modes.index(r["mode"])))
     fill_ratios(rows)
     return rows
 
@@ -523,33 +578,45 @@ def check(model, build_error, case_check, tolerance):
     return dict(verdict, check_rel_err=err, check_worst=where, correct=err <= tolerance)
 
 
-def time_row(model, mode, shape, precision, packed, device, args, rates):
-    """Timing, throughput, floor and peak-memory fields of one row."""
+def time_rows(models, mode, shape, precision, packed, device, args, rates):
+    """Timing, throughput, floor and peak-memory fields of one row per model, all fed the
+    same inputs and timed together."""
     pool = [make_inputs(shape, precision.dtype, device, seed=s, packed=packed) for s in range(3)]
-    state = {"k": 0}
 
-    def step():
-        x, dout = pool[state["k"] % len(pool)]
-        state["k"] += 1
-        return call(model, mode, x, dout)
+    def stepper(model):
+        state = {"k": 0}
 
-    model.train(mode == "training")
-    try:
-        stats = measure(step, device, args.min_time)
-        peak = peak_memory(step, device)
-    except Exception as error:  # noqa: BLE001 - an OOM in one row must not end the run
-        return {"error": f"timing it: {error!r}"[:300]}
+        def step():
+            x, dout = pool[state["k"] % len(pool)]
+            state["k"] += 1
+            return call(model, mode, x, dout)
+
+        return step
+
+    steps = [stepper(model) for model in models]
+    for model in models:
+        model.train(mode == "training")
     tokens = valid_tokens(pool[0][0]) or shape.B * shape.T
     flops = lstm_flops(shape, mode, tokens)
-    median = stats["median_s"]
-    row = dict(
-        median_ms=1e3 * median, q20_ms=1e3 * stats["q20_s"], q80_ms=1e3 * stats["q80_s"],
-        samples=stats["samples"], per_step_us=1e6 * median / shape.T,
-        tokens_per_s=tokens / median, tokens=tokens, gflop=flops / 1e9,
-        floor_ms=1e3 * flops / rates[precision.label()], peak_mb=peak / 2**20,
-    )
-    row["floor_share"] = row["floor_ms"] / row["median_ms"]
-    return row
+    fields = []
+    for step, stats in zip(steps, measure_together(steps, device, args.min_time)):
+        try:
+            if isinstance(stats, Exception):
+                raise stats
+            peak = peak_memory(step, device)
+        except Exception as error:  # noqa: BLE001 - an OOM in one row must not end the run
+            fields.append({"error": f"timing it: {error!r}"[:300]})
+            continue
+        median = stats["median_s"]
+        row = dict(
+            median_ms=1e3 * median, q20_ms=1e3 * stats["q20_s"], q80_ms=1e3 * stats["q80_s"],
+            samples=stats["samples"], per_step_us=1e6 * median / shape.T,
+            tokens_per_s=tokens / median, tokens=tokens, gflop=flops / 1e9,
+            floor_ms=1e3 * flops / rates[precision.label()], peak_mb=peak / 2**20,
+        )
+        row["floor_share"] = row["floor_ms"] / row["median_ms"]
+        fields.append(row)
+    return fields
 
 
 def fill_ratios(rows):
