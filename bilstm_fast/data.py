@@ -271,21 +271,21 @@ def load_mnist(data_dir=None, download=False):
 class DeviceBatches:
     """Seeded, device-resident mini-batches: no per-sample Python work, no DataLoader.
 
-    The whole split is moved to `device` once, scaled to float32 /255 as ToTensor does. Each
+    The whole split is moved to `device` once, scaled to `dtype` /255 as ToTensor does. Each
     epoch draws a permutation from a CPU generator seeded with (seed, epoch), so the order is
     the same on every device and for every model given the same seed. Under data parallelism,
     rank r takes positions r, r + world_size, ... of that permutation (padded by wrapping
     around, as DistributedSampler does, so every rank runs the same number of steps);
     `batch_size` is per rank.
 
-        for images, labels in batches.epoch(e): ...   # images [B, 28, 28] float32, labels [B]
+        for images, labels in batches.epoch(e): ...   # images [B, 28, 28] of `dtype`, labels [B]
     """
 
     def __init__(self, images, labels, batch_size, device="cpu", seed=0, shuffle=True,
-                 rank=0, world_size=1):
+                 rank=0, world_size=1, dtype=torch.float32):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.images = images.to(device).float().div_(255)  # [N, 28, 28]
+        self.images = images.to(device, dtype).div_(255)  # [N, 28, 28]
         self.labels = labels.to(device)
         self.batch_size = batch_size
         self.seed = seed

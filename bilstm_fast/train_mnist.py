@@ -24,6 +24,7 @@ from bilstm_fast.data import DeviceBatches, find_mnist
 from bilstm_fast.module import FastBiLSTM
 
 IMPLS = ("fast", "torch")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class MnistClassifier(nn.Module):
@@ -48,10 +49,10 @@ class MnistClassifier(nn.Module):
         return self.fc(out[:, -1])
 
 
-def build_model(impl, seed, device, hidden_size=256, backend="auto"):
+def build_model(impl, seed, device, hidden_size=256, backend="auto", dtype=torch.float32):
     """The same seed gives the same initial weights for either impl and on any device."""
     torch.manual_seed(seed)
-    return MnistClassifier(impl, hidden_size=hidden_size, backend=backend).to(device)
+    return MnistClassifier(impl, hidden_size=hidden_size, backend=backend).to(device, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,10 +177,11 @@ def load_batches(args, dist):
     (train_x, train_y, test_x, test_y), source = find_mnist(args.data_dir, args.download)
     train_x, train_y = torch.from_numpy(train_x[: args.limit]), torch.from_numpy(train_y[: args.limit])
     test_x, test_y = torch.from_numpy(test_x[: args.test_limit]), torch.from_numpy(test_y[: args.test_limit])
+    dtype = DTYPES[args.dtype]
     train = DeviceBatches(train_x, train_y, args.batch_size, dist.device, seed=args.seed,
-                          rank=dist.rank, world_size=dist.world_size)
+                          rank=dist.rank, world_size=dist.world_size, dtype=dtype)
     # the test split is scored whole, each rank taking every world_size-th image
-    test = DeviceBatches(test_x, test_y, args.eval_batch_size, dist.device, shuffle=False)
+    test = DeviceBatches(test_x, test_y, args.eval_batch_size, dist.device, shuffle=False, dtype=dtype)
     if dist.is_main:
         print(f"data: {source}; training on {len(train_y)} images ({len(train)} steps/epoch"
               f"{f' per rank, {dist.world_size} ranks' if dist.enabled else ''}), "
@@ -190,7 +192,7 @@ def load_batches(args, dist):
 def run_training(args, dist):
     """Train one implementation; returns the per-epoch summary (on every rank)."""
     train, test = load_batches(args, dist)
-    model = build_model(args.impl, args.seed, dist.device, args.hidden_size, args.backend)
+    model = build_model(args.impl, args.seed, dist.device, args.hidden_size, args.backend, DTYPES[args.dtype])
     model = dist.wrap(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     epochs = []
@@ -269,11 +271,12 @@ def run_compare(args, dist):
     apart from rounding alone: training amplifies ~1e-7 differences until, after a few hundred
     steps, the runs are as different as two seeds. That drift is the yardstick for the gap."""
     train, test = load_batches(args, dist)
-    models = {"torch": build_model("torch", args.seed, dist.device, args.hidden_size)}
-    models["fast"] = build_model("fast", args.seed, dist.device, args.hidden_size, args.backend)
+    dtype = DTYPES[args.dtype]
+    models = {"torch": build_model("torch", args.seed, dist.device, args.hidden_size, dtype=dtype)}
+    models["fast"] = build_model("fast", args.seed, dist.device, args.hidden_size, args.backend, dtype)
     models["fast"].load_state_dict(models["torch"].state_dict())  # identical start, not just same seed
     if args.control:
-        models[CONTROL] = build_model("torch", args.seed, dist.device, args.hidden_size)
+        models[CONTROL] = build_model("torch", args.seed, dist.device, args.hidden_size, dtype=dtype)
         models[CONTROL].load_state_dict(models["torch"].state_dict())
         nudge_one_ulp(models[CONTROL])
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=args.lr) for name, m in models.items()}
@@ -370,18 +373,21 @@ def plot_losses(summary, path):
         return None
     losses = summary["losses"]
     steps = range(1, len(losses["torch"]) + 1)
+    # zero differences drawn just under the dtype's rounding level, so the log scale can show them
+    dtype = summary["hyperparameters"]["dtype"]
+    floor = torch.finfo(DTYPES[dtype]).eps / 100
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(2, 1))
     top.plot(steps, losses["torch"], label="nn.LSTM", linewidth=0.8)
     top.plot(steps, losses["fast"], label="FastBiLSTM", linewidth=0.8, alpha=0.8)
     top.set_ylabel("training loss (per step)")
     top.set_yscale("log")
     top.legend()
-    top.set_title("MNIST BiLSTM: same initial weights, same batches")
+    top.set_title(f"MNIST BiLSTM: same initial weights, same batches ({dtype})")
     for name, label, color in (("fast", "FastBiLSTM vs nn.LSTM", "C1"),
                                (CONTROL, "nn.LSTM one ulp off vs nn.LSTM (control)", "gray")):
         if name in losses:
             rel = relative_differences(losses["torch"], losses[name])
-            bottom.semilogy(steps, [max(r, 1e-9) for r in rel], linewidth=0.6, label=label, color=color)
+            bottom.semilogy(steps, [max(r, floor) for r in rel], linewidth=0.6, label=label, color=color)
     bottom.axhline(summary["tolerances"]["rel_diff_first_steps"], color="black", linestyle=":", linewidth=0.8)
     bottom.axvline(summary["first_steps"], color="black", linestyle=":", linewidth=0.8)
     bottom.legend(fontsize="small")
@@ -461,6 +467,8 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=64, help="per process under torchrun")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="parameters and images; float64 takes rounding out of --compare")
     p.add_argument("--seed", type=int, default=0, help="initial weights and batch order")
     p.add_argument("--limit", type=int, default=None, help="train on the first LIMIT images only")
     p.add_argument("--test-limit", type=int, default=None, help="test on the first TEST_LIMIT images only")
@@ -495,7 +503,7 @@ def main(argv=None):
         if dist.is_main:
             summary = {"command": command_line(argv), "environment": environment(dist.device, dist.world_size),
                        "hyperparameters": {k: getattr(args, k) for k in (
-                           "impl", "backend", "epochs", "batch_size", "lr", "hidden_size", "seed", "limit",
+                           "impl", "backend", "dtype", "epochs", "batch_size", "lr", "hidden_size", "seed", "limit",
                            "test_limit")}, **summary}
             if args.out:
                 write_results(summary, args.out, dist.device)
@@ -507,6 +515,8 @@ def main(argv=None):
 def write_results(summary, out_dir, device):
     os.makedirs(out_dir, exist_ok=True)
     stem = f"mnist_compare_{device.type}" if summary["mode"] == "compare" else f"mnist_train_{summary['impl']}_{device.type}"
+    if summary["hyperparameters"]["dtype"] != "float32":
+        stem += "_" + summary["hyperparameters"]["dtype"]
     if summary["mode"] == "compare":
         summary["plot"] = os.path.basename(plot_losses(summary, os.path.join(out_dir, stem + ".png")) or "") or None
     path = os.path.join(out_dir, stem + ".json")

@@ -259,6 +259,20 @@ def test_compare_short_run_agrees(tmp_path, capsys, one_thread):
     assert (tmp_path / "mnist_compare_cpu.png").exists() or "skipping the loss plot" in out
 
 
+def test_compare_float64_agrees_to_rounding(tmp_path, capsys, one_thread):
+    """The same 24 steps in float64: nothing is left to tell the implementations apart but
+    rounding (~1e-16), which training amplifies about e-fold every 6 steps (measured over 100
+    steps: 1.8e-13 for FastBiLSTM, 2.1e-13 for nn.LSTM one ulp off). So the per-step losses must
+    agree to 1e-12. Planted faults fail it: W_hh's gradient scaled by 1 + 1e-9 gives 1.3e-12, dx
+    rounded through fp32 gives 3.9e-10; without a fault the largest difference is 2.2e-16."""
+    summary = main(["--compare", "--dtype", "float64", "--device", "cpu", "--limit", "1536", "--test-limit", "500",
+                    "--epochs", "1", "--out", str(tmp_path)])
+    assert summary["steps"] == 24 and summary["max_rel_diff_all_steps"] <= 1e-12
+    assert summary["test_accuracy_gap_points"] == 0
+    assert (tmp_path / "mnist_compare_cpu_float64.json").exists()
+    assert "implementations agree" in capsys.readouterr().out
+
+
 TINY = ["--device", "cpu", "--hidden-size", "32", "--limit", "512", "--test-limit", "256", "--epochs", "2"]
 
 
