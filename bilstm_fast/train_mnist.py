@@ -95,6 +95,10 @@ class Distributed:
             torch.distributed.all_reduce(t)
         return t.tolist()
 
+    def barrier(self):
+        if self.enabled:
+            torch.distributed.barrier()
+
     def close(self):
         if self.enabled:
             torch.distributed.destroy_process_group()
@@ -174,7 +178,13 @@ def evaluate(model, images, labels, batch_size=500, rank=0, world_size=1):
 
 
 def load_batches(args, dist):
+    # with --download, rank 0 fetches alone; the other ranks wait, then find its files
+    first, others = (dist.is_main, not dist.is_main) if args.download else (False, False)
+    if others:
+        dist.barrier()
     (train_x, train_y, test_x, test_y), source = find_mnist(args.data_dir, args.download)
+    if first:
+        dist.barrier()
     train_x, train_y = torch.from_numpy(train_x[: args.limit]), torch.from_numpy(train_y[: args.limit])
     test_x, test_y = torch.from_numpy(test_x[: args.test_limit]), torch.from_numpy(test_y[: args.test_limit])
     dtype = DTYPES[args.dtype]

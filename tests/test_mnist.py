@@ -197,6 +197,36 @@ def test_failed_download_is_the_clear_error(no_bundled, tmp_path, monkeypatch):
         load_mnist(data_dir=str(tmp_path), download=True)
 
 
+@pytest.mark.parametrize("download", [True, False])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_download_under_torchrun_is_rank_zero_alone(rank, download, monkeypatch):
+    """Two ranks downloading into one directory at once could read each other's half-written
+    files: with --download, rank 0 finds (downloads) first and the others wait at a barrier."""
+    from bilstm_fast import train_mnist
+
+    events = []
+
+    class TwoRanks:
+        device, enabled, world_size = torch.device("cpu"), True, 2
+        is_main = rank == 0
+
+        def barrier(self):
+            events.append("barrier")
+
+    TwoRanks.rank = rank
+
+    def fake_find(data_dir, download):
+        events.append("find")
+        images, labels = np.zeros((4, 28, 28), np.uint8), np.zeros(4, np.int64)
+        return (images, labels, images, labels), "fake"
+
+    monkeypatch.setattr(train_mnist, "find_mnist", fake_find)
+    args = train_mnist.parse_args(["--batch-size", "2", *(["--download"] if download else [])])
+    train_mnist.load_batches(args, TwoRanks())
+    expected = (["find", "barrier"] if rank == 0 else ["barrier", "find"]) if download else ["find"]
+    assert events == expected
+
+
 # ----------------------------------------------------------------------------------------------
 # The device-resident batch iterator
 
