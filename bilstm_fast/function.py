@@ -3,6 +3,8 @@
 Work with no time dependency is done here as single large GEMMs, for every backend alike:
 the input projection of all steps and directions before the recurrence, and the input,
 weight and bias gradients after it. Only the recurrence itself comes from the backend.
+When nothing needs a gradient, `lstm_layer` skips the Function and runs the inference
+recurrence, which keeps nothing for a backward.
 """
 import torch
 
@@ -25,21 +27,28 @@ def previous_hidden(out, h0, lengths):
     return torch.stack(prev, dim=2)
 
 
+def input_projection(x, w_ih, bias):
+    """x [T, B, I] @ W_ih^T + bias for every step and direction, one GEMM -> gx [T, B, D, 4H]."""
+    T, B, I = x.shape
+    D, G, _ = w_ih.shape
+    x2d, w_ih2d = x.reshape(T * B, I), w_ih.reshape(D * G, I)
+    if bias is None:
+        gx = torch.mm(x2d, w_ih2d.t())
+    else:
+        gx = torch.addmm(bias.reshape(D * G), x2d, w_ih2d.t())
+    return gx.view(T, B, D, G)
+
+
 class LSTMLayerFunction(torch.autograd.Function):
     """(x [T,B,I], w_ih [D,4H,I], w_hh [D,4H,H], bias [D,4H] or None, h0, c0 [D,B,H],
     lengths [B] or None, backend) -> out [T,B,D*H], h_n [D,B,H], c_n [D,B,H]."""
 
     @staticmethod
     def forward(ctx, x, w_ih, w_hh, bias, h0, c0, lengths, backend):
-        T, B, I = x.shape
-        D, G, H = w_hh.shape
-        x2d = x.reshape(T * B, I)
-        w_ih2d = w_ih.reshape(D * G, I)
-        if bias is None:
-            gx = torch.mm(x2d, w_ih2d.t())
-        else:
-            gx = torch.addmm(bias.reshape(D * G), x2d, w_ih2d.t())
-        out, h_n, c_n, gates, cs = ops.recurrence_forward(gx.view(T, B, D, G), w_hh, h0, c0, lengths, backend)
+        T, B, _ = x.shape
+        D, _, H = w_hh.shape
+        gx = input_projection(x, w_ih, bias)
+        out, h_n, c_n, gates, cs = ops.recurrence_forward(gx, w_hh, h0, c0, lengths, backend)
         ctx.save_for_backward(x, w_ih, w_hh, h0, c0, lengths, out, gates, cs)
         ctx.has_bias = bias is not None
         ctx.backend = backend
@@ -96,4 +105,8 @@ def check_lengths(lengths, T, B, device):
 def lstm_layer(x, w_ih, w_hh, bias, h0, c0, lengths=None, backend="auto"):
     """Functional entry point: see LSTMLayerFunction."""
     check_lengths(lengths, x.shape[0], x.shape[1], x.device)
-    return LSTMLayerFunction.apply(x, w_ih, w_hh, bias, h0, c0, lengths, backend)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, w_hh, bias, h0, c0)):
+        return LSTMLayerFunction.apply(x, w_ih, w_hh, bias, h0, c0, lengths, backend)
+    T, B, _ = x.shape
+    out, h_n, c_n = ops.recurrence_inference(input_projection(x, w_ih, bias), w_hh, h0, c0, lengths, backend)
+    return out.view(T, B, -1), h_n, c_n

@@ -30,6 +30,23 @@ def _(gx, w_hh, h0, c0, lengths, backend):
     return out, gx.new_empty(D, B, H), gx.new_empty(D, B, H), gates, cs
 
 
+@torch.library.custom_op("bilstm_fast::recurrence_inference", mutates_args=())
+def recurrence_inference(
+    gx: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Optional[Tensor], backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward when nothing needs a gradient: no gates or cell states kept for a backward."""
+    rec = recurrence_module(resolve_backend(backend, gx.device))
+    out, h_n, c_n, _, _ = rec.recurrence_forward(gx, w_hh, h0, c0, lengths, save=False)
+    return out, h_n, c_n
+
+
+@recurrence_inference.register_fake
+def _(gx, w_hh, h0, c0, lengths, backend):
+    T, B, D, G = gx.shape
+    H = G // 4
+    return gx.new_empty(T, B, D, H), gx.new_empty(D, B, H), gx.new_empty(D, B, H)
+
+
 @torch.library.custom_op("bilstm_fast::recurrence_backward", mutates_args=())
 def recurrence_backward(
     dout: Tensor,

@@ -216,7 +216,7 @@ def _fwd_step(
     p_w_d, b_wi, b_wf, b_wg, b_wo,
     p_gx, p_hbuf, p_c, p_c0, p_out, p_gates, p_cs, p_hn,
     H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
-    RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, SAVE: tl.constexpr,
 ):
     """One forward step for one hidden chunk, shared by every schedule: the recurrent dot,
     the gate nonlinearities, the cell/hidden update and all stores."""
@@ -256,12 +256,13 @@ def _fwd_step(
 
     o_seq = o_row[:, None] * H + o_n[None, :]
     tl.store(p_out + o_seq, tl.where(m_valid, b_h_out, 0.0).to(dtype), mask=m_bn)
-    tl.store(p_cs + o_seq, b_cs, mask=m_bn)
-    p_gates_row = p_gates + o_row[:, None] * (4 * H) + o_n[None, :]
-    tl.store(p_gates_row, tl.where(m_valid, b_i, 0.0).to(dtype), mask=m_bn)
-    tl.store(p_gates_row + H, tl.where(m_valid, b_f, 0.0).to(dtype), mask=m_bn)
-    tl.store(p_gates_row + 2 * H, tl.where(m_valid, b_g, 0.0).to(dtype), mask=m_bn)
-    tl.store(p_gates_row + 3 * H, tl.where(m_valid, b_o, 0.0).to(dtype), mask=m_bn)
+    if SAVE:  # what backward reads; inference skips it
+        tl.store(p_cs + o_seq, b_cs, mask=m_bn)
+        p_gates_row = p_gates + o_row[:, None] * (4 * H) + o_n[None, :]
+        tl.store(p_gates_row, tl.where(m_valid, b_i, 0.0).to(dtype), mask=m_bn)
+        tl.store(p_gates_row + H, tl.where(m_valid, b_f, 0.0).to(dtype), mask=m_bn)
+        tl.store(p_gates_row + 2 * H, tl.where(m_valid, b_g, 0.0).to(dtype), mask=m_bn)
+        tl.store(p_gates_row + 3 * H, tl.where(m_valid, b_o, 0.0).to(dtype), mask=m_bn)
 
 
 @triton.jit(do_not_specialize=["T", "B", "s_begin", "s_end"])
@@ -271,7 +272,7 @@ def _lstm_fwd_kernel(
     H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_CHUNKS: tl.constexpr,
     RESIDENT: tl.constexpr, SYNC: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, SAVE: tl.constexpr,
 ):
     """Forward recurrence, steps [s_begin, s_end). SYNC: 0 none (one launch per step),
     1 CTA barrier (tile), 2 group barrier on p_sync (persistent)."""
@@ -298,7 +299,7 @@ def _lstm_fwd_kernel(
                 s, T, B, i_d, o_b, m_b, b_len, o_n,
                 p_w_d, b_wi, b_wf, b_wg, b_wo,
                 p_gx, p_hbuf, p_c, p_c0, p_out, p_gates, p_cs, p_hn,
-                H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION, ACC,
+                H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION, ACC, SAVE,
             )
         if SYNC == 1:
             tl.debug_barrier()
@@ -650,7 +651,7 @@ def _meta(dtype, device, H, D, has_lengths):
     return dict(H=H, D=D, HAS_LENGTHS=has_lengths, DOT_PRECISION=dot_precision(dtype, device), ACC=acc)
 
 
-def recurrence_forward(gx, w_hh, h0, c0, lengths=None, *, schedule=None, block_n=None, resident=None):
+def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True, *, schedule=None, block_n=None, resident=None):
     """See the contract in vectorized.py. `schedule`, `block_n`, `resident` force a Plan."""
     _check_device(gx)
     T, B, D, G = gx.shape
@@ -660,8 +661,8 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None, *, schedule=None, block_n
     gx = gx.contiguous()
     w = w_hh.to(dtype).contiguous()
     out = _empty(gx, T, B, D, H)
-    gates = _empty(gx, T, B, D, G)
-    cs = _empty(gx, T, B, D, H, dtype=sdtype)
+    gates = _empty(gx, T, B, D, G) if save else None
+    cs = _empty(gx, T, B, D, H, dtype=sdtype) if save else None
     h_n = _empty(gx, D, B, H)
     h_buf = gx.new_empty(2, D, B, H)  # ping-pong h exchange; half 0 starts as h0
     h_buf[0].copy_(h0)
@@ -671,8 +672,9 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None, *, schedule=None, block_n
     p_len = lengths.contiguous() if has_lengths else c0_s  # never read without lengths
     _run(
         _lstm_fwd_kernel, plan, T, B, D, T,
-        (gx, w, p_len, h_buf, c, c0_s, out, gates, cs, h_n),
-        _meta(dtype, gx.device, H, D, has_lengths),
+        # without save the gates/cs pointers are never stored to: out and c stand in for them
+        (gx, w, p_len, h_buf, c, c0_s, out, gates if save else out, cs if save else c, h_n),
+        dict(_meta(dtype, gx.device, H, D, has_lengths), SAVE=save),
     )
     return out, h_n, c.to(dtype), gates, cs
 

@@ -6,7 +6,7 @@ T-1-s, as one batched matmul over a leading lane axis. Time is indexed, never fl
 Recurrence contract (shared with the Triton backend; the input projection and the weight,
 bias and input gradients are large GEMMs done by the caller, see bilstm_fast/function.py):
 
-    recurrence_forward(gx, w_hh, h0, c0, lengths) -> out, h_n, c_n, gates, cs
+    recurrence_forward(gx, w_hh, h0, c0, lengths, save=True) -> out, h_n, c_n, gates, cs
         gx      [T, B, D, 4H]  x @ W_ih^T + b_ih + b_hh, gates ordered i, f, g, o
         w_hh    [D, 4H, H]
         h0, c0  [D, B, H]
@@ -17,6 +17,7 @@ bias and input gradients are large GEMMs done by the caller, see bilstm_fast/fun
         cs      [T, B, D, H]   cell state after each step, fp32 (fp64 for fp64 input); where t >= lengths[b] it holds
                                the carried state (the final one going forward, c0 going back),
                                so the previous cell state is always the neighbouring entry
+        save=False             inference: gates and cs are neither kept nor returned (None)
 
     recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths) -> dgates, dh0, dc0
         dgates  [T, B, D, 4H]  gradient w.r.t. the pre-activation gates (= d gx), zero where
@@ -76,42 +77,53 @@ def in_order(t, reverse, was_reverse):
     return t.flip(0) if reverse != was_reverse else t
 
 
-def recurrence_forward(gx, w_hh, h0, c0, lengths=None):
+def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True):
     T, B, D, G = gx.shape
     H = G // 4
     # contiguous W_hh^T: the GEMM runs ~20% faster than on the transposed view
     w_t = both_orders(w_hh.transpose(1, 2).contiguous())  # [D, H, 4H]
-    gates = gx.clone(memory_format=torch.contiguous_format)  # gx + h W^T, then activated, in place
     out = gx.new_empty(T, B, D, H)
-    cs = gx.new_empty(T, B, D, H, dtype=state_dtype(gx.dtype))
+    if save:
+        gates = gx.clone(memory_format=torch.contiguous_format)  # gx + h W^T, then activated, in place
+        cs = gx.new_empty(T, B, D, H, dtype=state_dtype(gx.dtype))
+    else:  # inference: one step of gates at a time, no cell-state history
+        gates = cs = None
+        gx = gx.contiguous()  # lane_view needs standard strides
+        step_gates = gx.new_empty(D, B, G)
     # tanh runs on contiguous scratch only: on a strided view torch's float tanh makes one MKL
     # VML call per row, and with 2+ threads each call costs 3x (see benchmarks/NOTES.md)
     g_act = gx.new_empty(D, B, H)
-    cells = (cs.new_empty(D, B, H), cs.new_empty(D, B, H))  # ping-pong: step s writes cells[s % 2]
-    tanh_c = cs.new_empty(D, B, H)
+    cells = (gx.new_empty(D, B, H, dtype=state_dtype(gx.dtype)),  # ping-pong: step s writes cells[s % 2]
+             gx.new_empty(D, B, H, dtype=state_dtype(gx.dtype)))
+    tanh_c = torch.empty_like(cells[0])
     valid = None
     if lengths is not None:
         valid = valid_mask(lengths, T).unsqueeze(-1).expand(T, B, D).contiguous()  # [T, B, D]
         zero = torch.zeros((), dtype=gx.dtype, device=gx.device)
-    h, c = h0.to(gx.dtype), c0.to(cs.dtype)
+    h, c = h0.to(gx.dtype), c0.to(cells[0].dtype)
     was_reverse = False
     for s in range(T):
-        b_gates, reverse = lane_view(gates, s)  # [D, B, 4H]
+        source, reverse = lane_view(gates if save else gx, s)  # [D, B, 4H]
         h, c = in_order(h, reverse, was_reverse), in_order(c, reverse, was_reverse)
         was_reverse = reverse
-        b_gates.baddbmm_(h, w_t[reverse])
+        if save:  # the saved gates are formed in place
+            b_gates = source.baddbmm_(h, w_t[reverse])
+        else:
+            b_gates = torch.baddbmm(source, h, w_t[reverse], out=step_gates)
         b_gates[..., : 2 * H].sigmoid_()
         b_gates[..., 3 * H :].sigmoid_()
         i, f, g, o = b_gates.chunk(4, dim=-1)
         g_act.copy_(g).tanh_()
-        g.copy_(g_act)
+        if save:
+            g.copy_(g_act)
         c_new = cells[s % 2]
         torch.mul(f, c, out=c_new)
         c_new.addcmul_(i, g_act)  # in c's (>= fp32) precision
         if valid is not None:
             m = lane_view(valid, s)[0].unsqueeze(-1)  # [D, B, 1]
             torch.where(m, c_new, c, out=c_new)  # past its end a sequence carries its state
-        lane_view(cs, s)[0].copy_(c_new)
+        if save:
+            lane_view(cs, s)[0].copy_(c_new)
         torch.tanh(c_new, out=tanh_c)
         b_out = lane_view(out, s)[0]
         if valid is None:

@@ -42,6 +42,19 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
 
 
+def test_compile_fullgraph_inference_matches_eager():
+    """Under no_grad the model runs the inference op: compiled, still one graph, same numbers."""
+    torch.manual_seed(0)
+    model = Classifier()
+    x = torch.randn(4, 6, 5)
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
 def test_cpu_bf16_autocast_matches_nn_lstm():
     torch.manual_seed(0)
     ref = nn.LSTM(6, 10, num_layers=2, bidirectional=True)

@@ -96,3 +96,38 @@ def test_bad_lengths_are_refused(lengths):
     x, w_ih, w_hh, b, h0, c0 = layer_inputs(5, 2, 3, 4, 2)
     with pytest.raises(ValueError, match="lengths must"):
         lstm_layer(x, w_ih, w_hh, b, h0, c0, torch.tensor(lengths))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no-input-requires-grad"])
+def test_inference_path_gives_the_training_forward_bit_for_bit(case, mode):
+    """Without a gradient to compute, lstm_layer runs the inference recurrence, which keeps no
+    gates or cell states: the same arithmetic, so the same bits as the saving forward."""
+    T, B, I, H, D, bias, lengths = case
+    inputs = layer_inputs(T, B, I, H, D, bias)
+    lens = None if lengths is None else torch.tensor(lengths)
+    expected = lstm_layer(*inputs, lens, backend="vectorized")
+    if mode == "no-input-requires-grad":
+        got = lstm_layer(*[None if t is None else t.detach() for t in inputs], lens, backend="vectorized")
+    else:
+        with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+            got = lstm_layer(*inputs, lens, backend="vectorized")
+    for name, e, g in zip(("out", "h_n", "c_n"), expected, got):
+        assert not g.requires_grad and torch.equal(e.detach(), g), name
+
+
+def test_inference_saves_nothing_and_training_saves(monkeypatch):
+    """Which path runs: the saving forward only when some input needs a gradient."""
+    from bilstm_fast import ops
+
+    calls = []
+    for name in ("recurrence_forward", "recurrence_inference"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _name=name, _f=original: calls.append(_name) or _f(*a))
+    x, w_ih, w_hh, b, h0, c0 = layer_inputs(3, 2, 3, 4, 2)
+    lstm_layer(x, w_ih, w_hh, b, h0, c0)
+    with torch.no_grad():
+        lstm_layer(x, w_ih, w_hh, b, h0, c0)
+    lstm_layer(x.detach(), w_ih.detach(), w_hh.detach(), b.detach(), h0.detach(), c0.detach())
+    lstm_layer(x.detach(), w_ih.detach(), w_hh, b.detach(), h0.detach(), c0.detach())  # only W_hh trains
+    assert calls == ["recurrence_forward", "recurrence_inference", "recurrence_inference", "recurrence_forward"]
