@@ -11,14 +11,18 @@
 #   schedules  the Triton recurrence per schedule (tile/persistent/stepwise, W resident or
 #              streamed), forward and backward, with the planner's pick    -> OUT/schedules.csv
 #   bench      benchmarks/run.py --out OUT, if it exists                    -> OUT/bench.log + files
-# STEPS="tests bench" (a subset of: install tests schedules bench) runs only those; STEPS=""
-# only records the environment.
+#   mnist      MNIST --compare --control over seeds 0-7 (FastBiLSTM on Triton against cuDNN, 3
+#              epochs each; resumable: a rerun continues where it stopped) -> OUT/mnist_seeds/
+# STEPS="tests bench" (a subset of: install tests schedules bench mnist) runs only those;
+# STEPS="" only records the environment. On a machine lent for 10 minutes per command, run it
+# in parts into the same OUT: STEPS="install tests", then STEPS=schedules, then STEPS=bench,
+# then STEPS=mnist (again until its summary lists 8 seeds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-STEPS=${STEPS-install tests schedules bench}
+STEPS=${STEPS-install tests schedules bench mnist}
 PYTHON=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout wins over any older install
 failed=0
@@ -125,6 +129,11 @@ if want bench; then
     else
         echo "== bench: benchmarks/run.py not in this checkout, skipped" | tee -a "$OUT/summary.txt"
     fi
+fi
+
+if want mnist; then
+    step mnist 3600 "$PYTHON" benchmarks/mnist_seeds.py --seeds 0 1 2 3 4 5 6 7 --out "$OUT/mnist_seeds" \
+        -- --device cuda
 fi
 
 echo "results in $OUT (summary.txt lists each step's exit status)"
