@@ -76,6 +76,11 @@ def summarize(runs, tolerance):
     for name in NAMES:
         if all(name in r for r in runs):
             summary[f"mean_{name}"] = sum(r[name] for r in runs) / len(runs)
+    # the issue's single-run acceptance, per seed: first steps within tolerance, accuracy within the bound
+    early = {"fast": "first_steps_rel_diff", "torch+1ulp": "first_steps_rel_diff_control"}
+    summary["single_run_passes"] = {
+        name: sum(r[early[name]] <= r["first_steps_rel_tol"] and abs(r[name] - r["torch"]) <= tolerance for r in runs)
+        for name in early}
     for name in ("fast", "torch+1ulp"):
         if all(name in r for r in runs):
             mean, half = interval([r[name] - r["torch"] for r in runs])
@@ -121,6 +126,10 @@ def report(summary):
             half = "n/a (one seed)" if gap["ci90_half_width"] is None else f"+-{gap['ci90_half_width']:.3f}"
             print(f"{label}: mean gap {gap['mean']:+.3f} points, 90% interval {half}, largest single-run "
                   f"gap {gap['max_abs']:.2f}, runs over {tolerance:g}: {gap['runs_over_tolerance']}/{len(summary['runs'])}")
+    passes = summary["single_run_passes"]
+    print(f"single-run acceptance (first steps within tolerance and accuracy within {tolerance:g} points) holds at "
+          f"{passes['fast']}/{len(summary['runs'])} seeds for FastBiLSTM vs nn.LSTM, "
+          f"{passes['torch+1ulp']}/{len(summary['runs'])} for the control vs nn.LSTM")
     print("first steps, largest relative loss difference per seed (FastBiLSTM / control): " + ", ".join(
         f"{r['seed']}: {r['first_steps_rel_diff']:.1e} / {r['first_steps_rel_diff_control']:.1e}"
         for r in summary["runs"]) + f" (tolerance {summary['runs'][0]['first_steps_rel_tol']:g})")

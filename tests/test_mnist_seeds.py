@@ -36,6 +36,14 @@ def test_scattered_gaps_around_zero_agree():
     assert summary["agree"] and summary["accuracy_agrees"] and summary["early_steps_agree"]
     assert summary["gap_fast"]["max_abs"] == pytest.approx(0.2)
     assert summary["gap_torch+1ulp"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert summary["single_run_passes"] == {"fast": 5, "torch+1ulp": 5}
+
+
+def test_single_run_passes_count_both_conditions():
+    runs = runs_with_gaps([0.1, -0.35, 0.0, 0.2])  # control gaps: -0.05, 0.175, 0, -0.1
+    runs[2]["first_steps_rel_diff"] = 2e-4  # fast off early at seed 2
+    runs[3]["first_steps_rel_diff_control"] = 3e-4  # the control off early at seed 3
+    assert mnist_seeds.summarize(runs, 0.3)["single_run_passes"] == {"fast": 2, "torch+1ulp": 3}
 
 
 @pytest.mark.parametrize("gaps, why", [
