@@ -33,13 +33,9 @@ T95 = [6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.7
        1.703, 1.701, 1.699, 1.697]
 
 
-def seed_dir(out, seed):
-    return os.path.join(out, f"seed{seed}")
-
-
 def run_seed(seed, out, threads, extra):
     """One --compare --control run in its own process (own threads, own log)."""
-    directory = seed_dir(out, seed)
+    directory = os.path.join(out, f"seed{seed}")
     if glob.glob(os.path.join(directory, "mnist_compare_*.json")):
         print(f"seed {seed}: already done, kept", flush=True)
         return 0
@@ -74,21 +70,19 @@ def summarize(runs, tolerance):
         raise SystemExit("no finished seeds to summarize")
     summary = {"seeds": [r["seed"] for r in runs], "runs": runs, "tolerance_points": tolerance}
     for name in NAMES:
-        if all(name in r for r in runs):
-            summary[f"mean_{name}"] = sum(r[name] for r in runs) / len(runs)
+        summary[f"mean_{name}"] = sum(r[name] for r in runs) / len(runs)
     # the issue's single-run acceptance, per seed: first steps within tolerance, accuracy within the bound
     early = {"fast": "first_steps_rel_diff", "torch+1ulp": "first_steps_rel_diff_control"}
     summary["single_run_passes"] = {
         name: sum(r[early[name]] <= r["first_steps_rel_tol"] and abs(r[name] - r["torch"]) <= tolerance for r in runs)
         for name in early}
     for name in ("fast", "torch+1ulp"):
-        if all(name in r for r in runs):
-            mean, half = interval([r[name] - r["torch"] for r in runs])
-            summary[f"gap_{name}"] = {
-                "mean": mean, "ci90_half_width": half,
-                "max_abs": max(abs(r[name] - r["torch"]) for r in runs),
-                "runs_over_tolerance": sum(abs(r[name] - r["torch"]) > tolerance for r in runs),
-            }
+        mean, half = interval([r[name] - r["torch"] for r in runs])
+        summary[f"gap_{name}"] = {
+            "mean": mean, "ci90_half_width": half,
+            "max_abs": max(abs(r[name] - r["torch"]) for r in runs),
+            "runs_over_tolerance": sum(abs(r[name] - r["torch"]) > tolerance for r in runs),
+        }
     summary["early_steps_agree"] = all(
         r["first_steps_rel_diff"] <= max(r["first_steps_rel_tol"], r["first_steps_rel_diff_control"]) for r in runs)
     gap = summary["gap_fast"]
@@ -113,19 +107,16 @@ def load_runs(out):
 def report(summary):
     print(f"{'seed':>4}  {'nn.LSTM':>8}  {'FastBiLSTM':>10}  {'control':>8}  {'fast-torch':>10}  {'control-torch':>13}")
     for r in summary["runs"]:
-        control = r.get("torch+1ulp")
-        print(f"{r['seed']:>4}  {r['torch']:>8.2f}  {r['fast']:>10.2f}  "
-              + (f"{control:>8.2f}  " if control is not None else f"{'-':>8}  ")
-              + f"{r['fast'] - r['torch']:>+10.2f}  "
-              + (f"{control - r['torch']:>+13.2f}" if control is not None else f"{'-':>13}"))
-    print("mean  " + "  ".join(f"{name} {summary[f'mean_{name}']:.3f}" for name in NAMES if f"mean_{name}" in summary))
+        control = r["torch+1ulp"]
+        print(f"{r['seed']:>4}  {r['torch']:>8.2f}  {r['fast']:>10.2f}  {control:>8.2f}  "
+              f"{r['fast'] - r['torch']:>+10.2f}  {control - r['torch']:>+13.2f}")
+    print("mean  " + "  ".join(f"{name} {summary[f'mean_{name}']:.3f}" for name in NAMES))
     tolerance = summary["tolerance_points"]
     for name, label in (("fast", "FastBiLSTM - nn.LSTM"), ("torch+1ulp", "control - nn.LSTM")):
-        gap = summary.get(f"gap_{name}")
-        if gap:
-            half = "n/a (one seed)" if gap["ci90_half_width"] is None else f"+-{gap['ci90_half_width']:.3f}"
-            print(f"{label}: mean gap {gap['mean']:+.3f} points, 90% interval {half}, largest single-run "
-                  f"gap {gap['max_abs']:.2f}, runs over {tolerance:g}: {gap['runs_over_tolerance']}/{len(summary['runs'])}")
+        gap = summary[f"gap_{name}"]
+        half = "n/a (one seed)" if gap["ci90_half_width"] is None else f"+-{gap['ci90_half_width']:.3f}"
+        print(f"{label}: mean gap {gap['mean']:+.3f} points, 90% interval {half}, largest single-run "
+              f"gap {gap['max_abs']:.2f}, runs over {tolerance:g}: {gap['runs_over_tolerance']}/{len(summary['runs'])}")
     passes = summary["single_run_passes"]
     print(f"single-run acceptance (first steps within tolerance and accuracy within {tolerance:g} points) holds at "
           f"{passes['fast']}/{len(summary['runs'])} seeds for FastBiLSTM vs nn.LSTM, "
@@ -153,10 +144,8 @@ def plot(summary, path):
     seeds = summary["seeds"]
     for offset, (name, label, marker) in zip((-0.15, 0.0, 0.15), (
             ("torch", "nn.LSTM", "o"), ("fast", "FastBiLSTM", "s"), ("torch+1ulp", "nn.LSTM one ulp off", "^"))):
-        points = [(s + offset, r[name]) for s, r in zip(seeds, summary["runs"]) if name in r]
-        ax.scatter(*zip(*points), label=label, marker=marker)
-        if f"mean_{name}" in summary:
-            ax.axhline(summary[f"mean_{name}"], linewidth=0.8, linestyle=":", color=ax.collections[-1].get_facecolor()[0])
+        points = ax.scatter([s + offset for s in seeds], [r[name] for r in summary["runs"]], label=label, marker=marker)
+        ax.axhline(summary[f"mean_{name}"], linewidth=0.8, linestyle=":", color=points.get_facecolor()[0])
     ax.set_xticks(seeds)
     ax.set_xlabel("seed (initial weights and batch order)")
     ax.set_ylabel("test accuracy after training (%)")

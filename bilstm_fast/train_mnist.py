@@ -179,11 +179,10 @@ def evaluate(model, images, labels, batch_size=500, rank=0, world_size=1):
 
 def load_batches(args, dist):
     # with --download, rank 0 fetches alone; the other ranks wait, then find its files
-    first, others = (dist.is_main, not dist.is_main) if args.download else (False, False)
-    if others:
+    if args.download and not dist.is_main:
         dist.barrier()
     (train_x, train_y, test_x, test_y), source = find_mnist(args.data_dir, args.download)
-    if first:
+    if args.download and dist.is_main:
         dist.barrier()
     train_x, train_y = torch.from_numpy(train_x[: args.limit]), torch.from_numpy(train_y[: args.limit])
     test_x, test_y = torch.from_numpy(test_x[: args.test_limit]), torch.from_numpy(test_y[: args.test_limit])

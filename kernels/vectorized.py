@@ -82,10 +82,11 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True):
     H = G // 4
     # contiguous W_hh^T: the GEMM runs ~20% faster than on the transposed view
     w_t = both_orders(w_hh.transpose(1, 2).contiguous())  # [D, H, 4H]
+    sdtype = state_dtype(gx.dtype)
     out = gx.new_empty(T, B, D, H)
     if save:
         gates = gx.clone(memory_format=torch.contiguous_format)  # gx + h W^T, then activated, in place
-        cs = gx.new_empty(T, B, D, H, dtype=state_dtype(gx.dtype))
+        cs = gx.new_empty(T, B, D, H, dtype=sdtype)
     else:  # inference: one step of gates at a time, no cell-state history
         gates = cs = None
         gx = gx.contiguous()  # lane_view needs standard strides
@@ -93,14 +94,13 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True):
     # tanh runs on contiguous scratch only: on a strided view torch's float tanh makes one MKL
     # VML call per row, and with 2+ threads each call costs 3x (see benchmarks/NOTES.md)
     g_act = gx.new_empty(D, B, H)
-    cells = (gx.new_empty(D, B, H, dtype=state_dtype(gx.dtype)),  # ping-pong: step s writes cells[s % 2]
-             gx.new_empty(D, B, H, dtype=state_dtype(gx.dtype)))
-    tanh_c = torch.empty_like(cells[0])
+    cells = (gx.new_empty(D, B, H, dtype=sdtype), gx.new_empty(D, B, H, dtype=sdtype))  # ping-pong: step s writes cells[s % 2]
+    tanh_c = gx.new_empty(D, B, H, dtype=sdtype)
     valid = None
     if lengths is not None:
         valid = valid_mask(lengths, T).unsqueeze(-1).expand(T, B, D).contiguous()  # [T, B, D]
         zero = torch.zeros((), dtype=gx.dtype, device=gx.device)
-    h, c = h0.to(gx.dtype), c0.to(cells[0].dtype)
+    h, c = h0.to(gx.dtype), c0.to(sdtype)
     was_reverse = False
     for s in range(T):
         source, reverse = lane_view(gates if save else gx, s)  # [D, B, 4H]
