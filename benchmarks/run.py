@@ -40,7 +40,12 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
+# The profiler (engine detection, CPU peak memory) otherwise prints Kineto's trace chatter, and on
+# a machine without a GPU an "ERROR ... gpuGetDeviceCount" line, into the table. 6 is above every
+# Kineto log level; set KINETO_LOG_LEVEL yourself to see them.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+import torch  # noqa: E402 (after the environment it reads)
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
