@@ -177,6 +177,31 @@ def _group_barrier(p_count, target):
 
 
 @triton.jit
+def _program_rows(p_len, T, B, BLOCK_B: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """This program's batch rows, their mask, and their sequence lengths (T for every row
+    without lengths)."""
+    o_b = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    m_b = o_b < B
+    if HAS_LENGTHS:
+        b_len = tl.load(p_len + o_b, mask=m_b, other=0).to(tl.int32)
+    else:
+        b_len = tl.full([BLOCK_B], 0, tl.int32) + T
+    return o_b, m_b, b_len
+
+
+@triton.jit
+def _end_of_step(s, s_begin, s_end, p_sync, SYNC: tl.constexpr):
+    """Make step s's h (or dgates) visible to every program of the group before step s + 1."""
+    if SYNC == 1:
+        tl.debug_barrier()
+    if SYNC == 2:
+        if s + 1 < s_end:
+            # one counter per (direction, batch block); its members are the programs along axis 1
+            p_count = p_sync + tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+            _group_barrier(p_count, (s - s_begin + 1) * tl.num_programs(1))
+
+
+@triton.jit
 def _fwd_recurrent(
     s, i_d, B, o_b, m_b, o_n, p_hbuf, p_w_d, b_wi, b_wf, b_wg, b_wo,
     H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
@@ -276,13 +301,8 @@ def _lstm_fwd_kernel(
 ):
     """Forward recurrence, steps [s_begin, s_end). SYNC: 0 none (one launch per step),
     1 CTA barrier (tile), 2 group barrier on p_sync (persistent)."""
-    i_b, i_n, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_b = (i_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    m_b = o_b < B
-    if HAS_LENGTHS:
-        b_len = tl.load(p_len + o_b, mask=m_b, other=0).to(tl.int32)
-    else:
-        b_len = tl.full([BLOCK_B], 0, tl.int32) + T
+    i_n, i_d = tl.program_id(1), tl.program_id(2)
+    o_b, m_b, b_len = _program_rows(p_len, T, B, BLOCK_B, HAS_LENGTHS)
     p_w_d = p_w + i_d * (4 * H * H)
     if RESIDENT:
         # one chunk per program: its W_hh slice stays on chip for the whole time loop
@@ -290,8 +310,6 @@ def _lstm_fwd_kernel(
         b_wi, b_wf, b_wg, b_wo = _load_w_slice(p_w_d, tl.arange(0, HP), i_n * BLOCK_N + tl.arange(0, BLOCK_N), H, False)
     else:
         b_wi, b_wf, b_wg, b_wo = None, None, None, None
-    n_members = tl.num_programs(1)
-    p_count = p_sync + i_d * tl.num_programs(0) + i_b
     for s in range(s_begin, s_end):
         for j in range(N_CHUNKS):
             o_n = (i_n * N_CHUNKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -301,11 +319,7 @@ def _lstm_fwd_kernel(
                 p_gx, p_hbuf, p_c, p_c0, p_out, p_gates, p_cs, p_hn,
                 H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION, ACC, SAVE,
             )
-        if SYNC == 1:
-            tl.debug_barrier()
-        if SYNC == 2:
-            if s + 1 < s_end:
-                _group_barrier(p_count, (s - s_begin + 1) * n_members)
+        _end_of_step(s, s_begin, s_end, p_sync, SYNC)
 
 
 @triton.jit
@@ -420,21 +434,14 @@ def _lstm_bwd_kernel(
     ACC: tl.constexpr,
 ):
     """Backward recurrence, phases [s_begin, s_end) of 0..T (see _bwd_step); SYNC as forward."""
-    i_b, i_n, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_b = (i_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    m_b = o_b < B
-    if HAS_LENGTHS:
-        b_len = tl.load(p_len + o_b, mask=m_b, other=0).to(tl.int32)
-    else:
-        b_len = tl.full([BLOCK_B], 0, tl.int32) + T
+    i_n, i_d = tl.program_id(1), tl.program_id(2)
+    o_b, m_b, b_len = _program_rows(p_len, T, B, BLOCK_B, HAS_LENGTHS)
     p_w_d = p_w + i_d * (4 * H * H)
     if RESIDENT:
         tl.static_assert(N_CHUNKS == 1)
         b_wi, b_wf, b_wg, b_wo = _load_w_slice(p_w_d, tl.arange(0, HP), i_n * BLOCK_N + tl.arange(0, BLOCK_N), H, True)
     else:
         b_wi, b_wf, b_wg, b_wo = None, None, None, None
-    n_members = tl.num_programs(1)
-    p_count = p_sync + i_d * tl.num_programs(0) + i_b
     for s in range(s_begin, s_end):
         for j in range(N_CHUNKS):
             o_n = (i_n * N_CHUNKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -444,11 +451,7 @@ def _lstm_bwd_kernel(
                 p_dout, p_dhn, p_gates, p_cs, p_c0, p_dgbuf, p_dc, p_dh0, p_dgates,
                 H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION, ACC,
             )
-        if SYNC == 1:
-            tl.debug_barrier()
-        if SYNC == 2:
-            if s + 1 < s_end:
-                _group_barrier(p_count, (s - s_begin + 1) * n_members)
+        _end_of_step(s, s_begin, s_end, p_sync, SYNC)
 
 
 # ---------------------------------------------------------------------------------------------
