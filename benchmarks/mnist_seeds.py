@@ -27,6 +27,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 NAMES = ("torch", "fast", "torch+1ulp")  # train_mnist's names: nn.LSTM, FastBiLSTM, the control
+# Reported beside the verdict, not part of it: the last epoch's training loss and accuracy (means
+# over its 60k images while the weights move, so they follow the whole trajectory rather than its
+# end point) and the final test loss.
+SIDE_METRICS = ("train_loss", "train_accuracy", "test_loss")
 # Student t quantile t(0.95, df): the 90% two-sided interval that two 5% one-sided tests use.
 T95 = [6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771,
        1.761, 1.753, 1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706,
@@ -62,7 +66,8 @@ def interval(values):
 
 def summarize(runs, tolerance):
     """runs: [{seed, torch, fast, torch+1ulp: final test accuracy (points), first_steps_rel_diff
-    (fast's), first_steps_rel_diff_control, first_steps_rel_tol}] -> summary dict.
+    (fast's), first_steps_rel_diff_control, first_steps_rel_tol, last_epoch: {name: the last
+    epoch's stats from train_mnist}}] -> summary dict.
 
     Early steps: at each seed FastBiLSTM stays within the tolerance, or, where rounding alone
     already carries the control past it, no further from nn.LSTM than the control is."""
@@ -85,6 +90,11 @@ def summarize(runs, tolerance):
         }
     summary["early_steps_agree"] = all(
         r["first_steps_rel_diff"] <= max(r["first_steps_rel_tol"], r["first_steps_rel_diff_control"]) for r in runs)
+    summary["side_gaps"] = {
+        metric: {name: dict(zip(("mean", "ci90_half_width"), interval(
+            [r["last_epoch"][name][metric] - r["last_epoch"]["torch"][metric] for r in runs])))
+            for name in ("fast", "torch+1ulp")}
+        for metric in SIDE_METRICS}
     gap = summary["gap_fast"]
     summary["accuracy_agrees"] = gap["ci90_half_width"] is not None and \
         abs(gap["mean"]) + gap["ci90_half_width"] <= tolerance
@@ -100,7 +110,8 @@ def load_runs(out):
         runs.append({"seed": result["hyperparameters"]["seed"], **result["final_test_accuracy"],
                      "first_steps_rel_diff": result["max_rel_diff_first_steps"],
                      "first_steps_rel_diff_control": result["control"]["max_rel_diff_first_steps"],
-                     "first_steps_rel_tol": result["tolerances"]["rel_diff_first_steps"]})
+                     "first_steps_rel_tol": result["tolerances"]["rel_diff_first_steps"],
+                     "last_epoch": {name: result["epochs"][-1][name] for name in NAMES}})
     return sorted(runs, key=lambda r: r["seed"])
 
 
@@ -117,6 +128,12 @@ def report(summary):
         half = "n/a (one seed)" if gap["ci90_half_width"] is None else f"+-{gap['ci90_half_width']:.3f}"
         print(f"{label}: mean gap {gap['mean']:+.3f} points, 90% interval {half}, largest single-run "
               f"gap {gap['max_abs']:.2f}, runs over {tolerance:g}: {gap['runs_over_tolerance']}/{len(summary['runs'])}")
+    print("last epoch, gap to nn.LSTM (mean +- 90% interval; not part of the verdict):")
+    for metric, gaps in summary["side_gaps"].items():
+        print(f"  {metric:<15}" + "".join(
+            f"  {label} {gaps[name]['mean']:+.4f}" + ("" if gaps[name]["ci90_half_width"] is None
+                                                       else f" +-{gaps[name]['ci90_half_width']:.4f}")
+            for name, label in (("fast", "FastBiLSTM"), ("torch+1ulp", "control"))))
     passes = summary["single_run_passes"]
     print(f"single-run acceptance (first steps within tolerance and accuracy within {tolerance:g} points) holds at "
           f"{passes['fast']}/{len(summary['runs'])} seeds for FastBiLSTM vs nn.LSTM, "

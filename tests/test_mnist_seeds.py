@@ -17,9 +17,15 @@ mnist_seeds = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mnist_seeds)
 
 
+def last_epoch(test_accuracy, train_loss):
+    return {"train_loss": train_loss, "train_accuracy": 98.0, "test_loss": 0.05, "test_accuracy": test_accuracy}
+
+
 def runs_with_gaps(gaps, base=98.0, rel=2e-5):
     return [{"seed": i, "torch": base, "fast": base + g, "torch+1ulp": base - g / 2,
-             "first_steps_rel_diff": rel, "first_steps_rel_diff_control": rel, "first_steps_rel_tol": 1e-4}
+             "first_steps_rel_diff": rel, "first_steps_rel_diff_control": rel, "first_steps_rel_tol": 1e-4,
+             "last_epoch": {"torch": last_epoch(base, 0.06), "fast": last_epoch(base + g, 0.06 + i / 1000),
+                            "torch+1ulp": last_epoch(base - g / 2, 0.06)}}
             for i, g in enumerate(gaps)]
 
 
@@ -37,6 +43,15 @@ def test_scattered_gaps_around_zero_agree():
     assert summary["gap_fast"]["max_abs"] == pytest.approx(0.2)
     assert summary["gap_torch+1ulp"]["mean"] == pytest.approx(0.0, abs=1e-12)
     assert summary["single_run_passes"] == {"fast": 5, "torch+1ulp": 5}
+
+
+def test_side_gaps_are_paired_per_metric():
+    summary = mnist_seeds.summarize(runs_with_gaps([0.1, -0.1, 0.0, 0.2, -0.2]), 0.3)
+    train_loss = summary["side_gaps"]["train_loss"]  # fast's train loss gaps 0, 1e-3, ..., 4e-3
+    assert train_loss["fast"]["mean"] == pytest.approx(2e-3, rel=1e-9)
+    assert train_loss["fast"]["ci90_half_width"] == pytest.approx(2.132 * math.sqrt(2.5e-6) / math.sqrt(5), rel=1e-9)
+    assert train_loss["torch+1ulp"] == {"mean": 0.0, "ci90_half_width": 0.0}
+    assert summary["side_gaps"]["test_loss"]["fast"]["mean"] == 0.0
 
 
 def test_single_run_passes_count_both_conditions():
@@ -85,6 +100,11 @@ def test_sweep_runs_each_seed_once_and_resumes(tmp_path):
         assert result["hyperparameters"]["seed"] == seed
         assert run["fast"] == result["final_test_accuracy"]["fast"]
         assert run["first_steps_rel_diff"] <= 1e-4  # 4 steps of fp32 twins stay within rounding
-    assert "seed  " in first.stdout and "90% interval" in first.stdout
+    assert "seed  " in first.stdout and "90% interval" in first.stdout and "train_loss" in first.stdout
+    for metric in mnist_seeds.SIDE_METRICS:
+        gap = summary["side_gaps"][metric]["fast"]["mean"]
+        runs = [json.loads((tmp_path / f"seed{seed}" / "mnist_compare_cpu.json").read_text())["epochs"][-1]
+                for seed in (3, 5)]
+        assert gap == pytest.approx(sum(r["fast"][metric] - r["torch"][metric] for r in runs) / 2, rel=1e-12, abs=1e-15)
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("already done, kept") == 2
