@@ -39,6 +39,24 @@ def input_projection(x, w_ih, bias):
     return gx.view(T, B, D, G)
 
 
+# Rows per partial GEMM in a weight gradient (see sum_over_rows).
+ROW_BLOCK = 512
+
+
+def sum_over_rows(a, b):
+    """a.t() @ b, a reduction over the n = T*B rows, as one GEMM per block of ROW_BLOCK rows and
+    an fp32 sum of the blocks. One GEMM over all n rows leaves the reduction order to the BLAS
+    library, and MKL on some CPUs (seen on AMD EPYC) runs it as one running sum: 3e-4 of the
+    gradient's scale at n = 40000 (tests/test_robustness.py's long sequence), where blocks of 512
+    give 1.2e-5 (256: 2e-5, the sum of the blocks then dominates). Speed as one GEMM, within
+    timing noise (benchmarks/NOTES.md attempt 13)."""
+    out = torch.mm(a[:ROW_BLOCK].t(), b[:ROW_BLOCK])
+    for start in range(ROW_BLOCK, a.shape[0], ROW_BLOCK):
+        out += torch.mm(a[start:start + ROW_BLOCK].t(), b[start:start + ROW_BLOCK])  # not addmm_: MKL
+        # would accumulate into out as one running sum again
+    return out
+
+
 class LSTMLayerFunction(torch.autograd.Function):
     """(x [T,B,I], w_ih [D,4H,I], w_hh [D,4H,H], bias [D,4H] or None, h0, c0 [D,B,H],
     lengths [B] or None, backend) -> out [T,B,D*H], h_n [D,B,H], c_n [D,B,H]."""
@@ -70,13 +88,13 @@ class LSTMLayerFunction(torch.autograd.Function):
         if need[0]:
             dx = torch.mm(dgates2d, w_ih.reshape(D * G, I)).view(T, B, I)
         if need[1]:
-            dw_ih = torch.mm(dgates2d.t(), x.reshape(T * B, I)).view(D, G, I)
+            dw_ih = sum_over_rows(dgates2d, x.reshape(T * B, I)).view(D, G, I)
         if need[2]:
             h_prev = previous_hidden(out, h0, lengths)  # [T, B, D, H]
             # one GEMM per direction on strided views: no copy (einsum first copied dgates into
             # a [D, 4H, T*B] layout, 2.4x slower; benchmarks/NOTES.md attempt 5)
             dw_hh = torch.stack(
-                [torch.mm(dgates[:, :, d].reshape(T * B, G).t(), h_prev[:, :, d].reshape(T * B, H)) for d in range(D)]
+                [sum_over_rows(dgates[:, :, d].reshape(T * B, G), h_prev[:, :, d].reshape(T * B, H)) for d in range(D)]
             )
         if ctx.has_bias and need[3]:
             dbias = dgates2d.sum(0).view(D, G)

@@ -131,3 +131,16 @@ def test_inference_saves_nothing_and_training_saves(monkeypatch):
     lstm_layer(x.detach(), w_ih.detach(), w_hh.detach(), b.detach(), h0.detach(), c0.detach())
     lstm_layer(x.detach(), w_ih.detach(), w_hh, b.detach(), h0.detach(), c0.detach())  # only W_hh trains
     assert calls == ["recurrence_forward", "recurrence_inference", "recurrence_inference", "recurrence_forward"]
+
+
+@pytest.mark.parametrize("n", [1, 511, 512, 513, 1537])
+def test_sum_over_rows_is_the_full_reduction(n):
+    """Blocks of ROW_BLOCK rows plus a remainder: every row counted once (float64, so exact up to
+    rounding of ~1e-16), and strided views as the W_hh gradient passes them."""
+    from bilstm_fast.function import ROW_BLOCK, sum_over_rows
+
+    assert ROW_BLOCK == 512  # the sizes above straddle it
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(n, 2, 12, dtype=torch.float64, generator=g)[:, 1]  # strided, like dgates[:, :, d]
+    b = torch.randn(n, 3, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(sum_over_rows(a, b), a.t() @ b, rtol=1e-13, atol=1e-13)
