@@ -95,6 +95,10 @@ def summarize(runs, tolerance):
             [r["last_epoch"][name][metric] - r["last_epoch"]["torch"][metric] for r in runs])))
             for name in ("fast", "torch+1ulp")}
         for metric in SIDE_METRICS}
+    # early drift, paired per seed: log10 of FastBiLSTM's first-steps difference over the control's
+    # (0 = drifts as far as rounding alone; the per-seed rule below compares two chaotic numbers)
+    mean, half = interval([math.log10(r["first_steps_rel_diff"] / r["first_steps_rel_diff_control"]) for r in runs])
+    summary["first_steps_log10_ratio"] = {"mean": mean, "ci90_half_width": half}
     gap = summary["gap_fast"]
     summary["accuracy_agrees"] = gap["ci90_half_width"] is not None and \
         abs(gap["mean"]) + gap["ci90_half_width"] <= tolerance
@@ -134,6 +138,10 @@ def report(summary):
             f"  {label} {gaps[name]['mean']:+.4f}" + ("" if gaps[name]["ci90_half_width"] is None
                                                        else f" +-{gaps[name]['ci90_half_width']:.4f}")
             for name, label in (("fast", "FastBiLSTM"), ("torch+1ulp", "control"))))
+    ratio = summary["first_steps_log10_ratio"]
+    print(f"first steps, log10(FastBiLSTM's largest relative difference / the control's), mean over seeds: "
+          f"{ratio['mean']:+.2f}" + ("" if ratio["ci90_half_width"] is None else f" +-{ratio['ci90_half_width']:.2f}")
+          + " (0: drifts as far as rounding alone)")
     passes = summary["single_run_passes"]
     print(f"single-run acceptance (first steps within tolerance and accuracy within {tolerance:g} points) holds at "
           f"{passes['fast']}/{len(summary['runs'])} seeds for FastBiLSTM vs nn.LSTM, "

@@ -54,6 +54,15 @@ def test_side_gaps_are_paired_per_metric():
     assert summary["side_gaps"]["test_loss"]["fast"]["mean"] == 0.0
 
 
+def test_first_steps_ratio_is_paired_in_log10():
+    runs = runs_with_gaps([0.1, -0.1])
+    runs[0]["first_steps_rel_diff"], runs[0]["first_steps_rel_diff_control"] = 1e-3, 1e-5  # +2
+    runs[1]["first_steps_rel_diff"], runs[1]["first_steps_rel_diff_control"] = 1e-6, 1e-5  # -1
+    ratio = mnist_seeds.summarize(runs, 0.3)["first_steps_log10_ratio"]
+    assert ratio["mean"] == pytest.approx(0.5, rel=1e-12)
+    assert ratio["ci90_half_width"] == pytest.approx(6.314 * math.sqrt(4.5) / math.sqrt(2), rel=1e-12)
+
+
 def test_single_run_passes_count_both_conditions():
     runs = runs_with_gaps([0.1, -0.35, 0.0, 0.2])  # control gaps: -0.05, 0.175, 0, -0.1
     runs[2]["first_steps_rel_diff"] = 2e-4  # fast off early at seed 2
