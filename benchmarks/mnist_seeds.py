@@ -96,8 +96,12 @@ def summarize(runs, tolerance):
             for name in ("fast", "torch+1ulp")}
         for metric in SIDE_METRICS}
     # early drift, paired per seed: log10 of FastBiLSTM's first-steps difference over the control's
-    # (0 = drifts as far as rounding alone; the per-seed rule below compares two chaotic numbers)
-    mean, half = interval([math.log10(r["first_steps_rel_diff"] / r["first_steps_rel_diff_control"]) for r in runs])
+    # (0 = drifts as far as rounding alone; the per-seed rule below compares two chaotic numbers).
+    # Short runs can end with no difference at all: 0 counts as half an fp32 ulp, 2**-24.
+    def drift(rel_diff):
+        return math.log10(max(rel_diff, 2.0 ** -24))
+
+    mean, half = interval([drift(r["first_steps_rel_diff"]) - drift(r["first_steps_rel_diff_control"]) for r in runs])
     summary["first_steps_log10_ratio"] = {"mean": mean, "ci90_half_width": half}
     gap = summary["gap_fast"]
     summary["accuracy_agrees"] = gap["ci90_half_width"] is not None and \

@@ -61,6 +61,10 @@ def test_first_steps_ratio_is_paired_in_log10():
     ratio = mnist_seeds.summarize(runs, 0.3)["first_steps_log10_ratio"]
     assert ratio["mean"] == pytest.approx(0.5, rel=1e-12)
     assert ratio["ci90_half_width"] == pytest.approx(6.314 * math.sqrt(4.5) / math.sqrt(2), rel=1e-12)
+    runs[0]["first_steps_rel_diff"] = runs[0]["first_steps_rel_diff_control"] = 0.0  # twins that never drifted
+    runs[1]["first_steps_rel_diff_control"] = 0.0
+    ratio = mnist_seeds.summarize(runs, 0.3)["first_steps_log10_ratio"]
+    assert ratio["mean"] == pytest.approx((0 + (-6 - math.log10(2.0 ** -24))) / 2, rel=1e-12)
 
 
 def test_single_run_passes_count_both_conditions():
