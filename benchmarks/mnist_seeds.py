@@ -64,6 +64,17 @@ def interval(values):
     return mean, T95[min(n - 1, len(T95)) - 1] * sd / math.sqrt(n)
 
 
+def mean_and_interval(values):
+    mean, half = interval(values)
+    return {"mean": mean, "ci90_half_width": half}
+
+
+def plus_minus(stat, digits):
+    """'+0.12 +-0.34' for a mean_and_interval dict ('+0.12' for one seed)."""
+    half = stat["ci90_half_width"]
+    return f"{stat['mean']:+.{digits}f}" + ("" if half is None else f" +-{half:.{digits}f}")
+
+
 def summarize(runs, tolerance):
     """runs: [{seed, torch, fast, torch+1ulp: final test accuracy (points), first_steps_rel_diff
     (fast's), first_steps_rel_diff_control, first_steps_rel_tol, last_epoch: {name: the last
@@ -82,18 +93,16 @@ def summarize(runs, tolerance):
         name: sum(r[early[name]] <= r["first_steps_rel_tol"] and abs(r[name] - r["torch"]) <= tolerance for r in runs)
         for name in early}
     for name in ("fast", "torch+1ulp"):
-        mean, half = interval([r[name] - r["torch"] for r in runs])
         summary[f"gap_{name}"] = {
-            "mean": mean, "ci90_half_width": half,
+            **mean_and_interval([r[name] - r["torch"] for r in runs]),
             "max_abs": max(abs(r[name] - r["torch"]) for r in runs),
             "runs_over_tolerance": sum(abs(r[name] - r["torch"]) > tolerance for r in runs),
         }
     summary["early_steps_agree"] = all(
         r["first_steps_rel_diff"] <= max(r["first_steps_rel_tol"], r["first_steps_rel_diff_control"]) for r in runs)
     summary["side_gaps"] = {
-        metric: {name: dict(zip(("mean", "ci90_half_width"), interval(
-            [r["last_epoch"][name][metric] - r["last_epoch"]["torch"][metric] for r in runs])))
-            for name in ("fast", "torch+1ulp")}
+        metric: {name: mean_and_interval([r["last_epoch"][name][metric] - r["last_epoch"]["torch"][metric] for r in runs])
+                 for name in ("fast", "torch+1ulp")}
         for metric in SIDE_METRICS}
     # early drift, paired per seed: log10 of FastBiLSTM's first-steps difference over the control's
     # (0 = drifts as far as rounding alone; the per-seed rule below compares two chaotic numbers).
@@ -101,8 +110,8 @@ def summarize(runs, tolerance):
     def drift(rel_diff):
         return math.log10(max(rel_diff, 2.0 ** -24))
 
-    mean, half = interval([drift(r["first_steps_rel_diff"]) - drift(r["first_steps_rel_diff_control"]) for r in runs])
-    summary["first_steps_log10_ratio"] = {"mean": mean, "ci90_half_width": half}
+    summary["first_steps_log10_ratio"] = mean_and_interval(
+        [drift(r["first_steps_rel_diff"]) - drift(r["first_steps_rel_diff_control"]) for r in runs])
     gap = summary["gap_fast"]
     summary["accuracy_agrees"] = gap["ci90_half_width"] is not None and \
         abs(gap["mean"]) + gap["ci90_half_width"] <= tolerance
@@ -138,14 +147,9 @@ def report(summary):
               f"gap {gap['max_abs']:.2f}, runs over {tolerance:g}: {gap['runs_over_tolerance']}/{len(summary['runs'])}")
     print("last epoch, gap to nn.LSTM (mean +- 90% interval; not part of the verdict):")
     for metric, gaps in summary["side_gaps"].items():
-        print(f"  {metric:<15}" + "".join(
-            f"  {label} {gaps[name]['mean']:+.4f}" + ("" if gaps[name]["ci90_half_width"] is None
-                                                       else f" +-{gaps[name]['ci90_half_width']:.4f}")
-            for name, label in (("fast", "FastBiLSTM"), ("torch+1ulp", "control"))))
-    ratio = summary["first_steps_log10_ratio"]
+        print(f"  {metric:<15}  FastBiLSTM {plus_minus(gaps['fast'], 4)}  control {plus_minus(gaps['torch+1ulp'], 4)}")
     print(f"first steps, log10(FastBiLSTM's largest relative difference / the control's), mean over seeds: "
-          f"{ratio['mean']:+.2f}" + ("" if ratio["ci90_half_width"] is None else f" +-{ratio['ci90_half_width']:.2f}")
-          + " (0: drifts as far as rounding alone)")
+          f"{plus_minus(summary['first_steps_log10_ratio'], 2)} (0: drifts as far as rounding alone)")
     passes = summary["single_run_passes"]
     print(f"single-run acceptance (first steps within tolerance and accuracy within {tolerance:g} points) holds at "
           f"{passes['fast']}/{len(summary['runs'])} seeds for FastBiLSTM vs nn.LSTM, "

@@ -52,8 +52,8 @@ def sum_over_rows(a, b):
     timing noise (benchmarks/NOTES.md attempt 13)."""
     out = torch.mm(a[:ROW_BLOCK].t(), b[:ROW_BLOCK])
     for start in range(ROW_BLOCK, a.shape[0], ROW_BLOCK):
-        out += torch.mm(a[start:start + ROW_BLOCK].t(), b[start:start + ROW_BLOCK])  # not addmm_: MKL
-        # would accumulate into out as one running sum again
+        # not out.addmm_(): MKL would accumulate into out as one running sum again
+        out += torch.mm(a[start:start + ROW_BLOCK].t(), b[start:start + ROW_BLOCK])
     return out
 
 

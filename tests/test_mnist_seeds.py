@@ -114,10 +114,10 @@ def test_sweep_runs_each_seed_once_and_resumes(tmp_path):
         assert run["fast"] == result["final_test_accuracy"]["fast"]
         assert run["first_steps_rel_diff"] <= 1e-4  # 4 steps of fp32 twins stay within rounding
     assert "seed  " in first.stdout and "90% interval" in first.stdout and "train_loss" in first.stdout
+    last_epochs = [json.loads((tmp_path / f"seed{seed}" / "mnist_compare_cpu.json").read_text())["epochs"][-1]
+                   for seed in (3, 5)]
     for metric in mnist_seeds.SIDE_METRICS:
         gap = summary["side_gaps"][metric]["fast"]["mean"]
-        runs = [json.loads((tmp_path / f"seed{seed}" / "mnist_compare_cpu.json").read_text())["epochs"][-1]
-                for seed in (3, 5)]
-        assert gap == pytest.approx(sum(r["fast"][metric] - r["torch"][metric] for r in runs) / 2, rel=1e-12, abs=1e-15)
+        assert gap == pytest.approx(sum(r["fast"][metric] - r["torch"][metric] for r in last_epochs) / 2, rel=1e-12, abs=1e-15)
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("already done, kept") == 2
