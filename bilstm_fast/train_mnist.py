@@ -516,6 +516,10 @@ def main(argv=None):
                            "test_limit")}, **summary}
             if args.out:
                 write_results(summary, args.out, dist.device)
+        # tear down together: a rank that destroyed its gloo group while rank 0 was still writing
+        # the results aborted at exit ("terminate called without an active exception") about one
+        # 2-process run in 12. Not in `finally`: after an error on one rank this would wait forever.
+        dist.barrier()
     finally:
         dist.close()
     return summary
