@@ -90,7 +90,11 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True):
     else:  # inference: one step of gates at a time, no cell-state history
         gates = cs = None
         gx = gx.contiguous()  # lane_view needs standard strides
-        step_gates = gx.new_empty(D, B, G)
+    # oneDNN, which runs fp16/bf16 matmuls on the CPU, rejects the lane views' strides; PyTorch
+    # then warns "mkldnn_matmul failed" and turns torch.backends.mkldnn off for the whole
+    # process. Those dtypes form each step's gates in contiguous scratch, from a contiguous h.
+    dense = gx.device.type == "cpu" and gx.dtype in (torch.float16, torch.bfloat16)
+    step_gates = gx.new_empty(D, B, G) if dense or not save else None
     # tanh runs on contiguous scratch only: on a strided view torch's float tanh makes one MKL
     # VML call per row, and with 2+ threads each call costs 3x (see benchmarks/NOTES.md)
     g_act = gx.new_empty(D, B, H)
@@ -106,10 +110,12 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True):
         source, reverse = lane_view(gates if save else gx, s)  # [D, B, 4H]
         h, c = in_order(h, reverse, was_reverse), in_order(c, reverse, was_reverse)
         was_reverse = reverse
-        if save:  # the saved gates are formed in place
+        if save and not dense:  # the saved gates are formed in place
             b_gates = source.baddbmm_(h, w_t[reverse])
         else:
-            b_gates = torch.baddbmm(source, h, w_t[reverse], out=step_gates)
+            b_gates = torch.baddbmm(source, h.contiguous() if dense else h, w_t[reverse], out=step_gates)
+            if save:
+                b_gates = source.copy_(b_gates)
         b_gates[..., : 2 * H].sigmoid_()
         b_gates[..., 3 * H :].sigmoid_()
         i, f, g, o = b_gates.chunk(4, dim=-1)
