@@ -28,7 +28,7 @@ class Impl:
 
 def fast_impl(backend):
     """FastBiLSTM on one backend, as the column `fast-<backend>`."""
-    return Impl(f"fast-{backend}", lambda lstm: FastBiLSTM.from_lstm(lstm, backend=backend))
+    return Impl(f"fast-{backend}", lambda lstm: FastBiLSTM.from_lstm(lstm, backend=backend, copy=True))
 
 
 def default_impls(device):

@@ -53,6 +53,16 @@ class FastBiLSTM(nn.RNNBase):
         )
         self.backend = backend
 
+    def extra_repr(self):
+        # nn.RNNBase prints bidirectional only when True, which is this class's default: say
+        # False explicitly, or FastBiLSTM(5, 4) would read as bidirectional
+        text = super().extra_repr()
+        if not self.bidirectional:
+            text += ", bidirectional=False"
+        if self.backend != "auto":
+            text += f", backend={self.backend!r}"
+        return text
+
     def __prepare_scriptable__(self):
         raise RuntimeError(
             "FastBiLSTM cannot be compiled by torch.jit.script (its ops are Python autograd "
@@ -65,26 +75,41 @@ class FastBiLSTM(nn.RNNBase):
     permute_hidden = nn.LSTM.permute_hidden
 
     @classmethod
-    def from_lstm(cls, lstm, backend="auto"):
-        """A FastBiLSTM with the configuration and (copied) weights of an nn.LSTM."""
-        if lstm.proj_size != 0:
-            raise NotImplementedError("FastBiLSTM does not support proj_size > 0 yet; use nn.LSTM")
-        param = lstm.weight_ih_l0
-        fast = cls(
-            lstm.input_size,
-            lstm.hidden_size,
-            num_layers=lstm.num_layers,
-            bias=lstm.bias,
-            batch_first=lstm.batch_first,
-            dropout=lstm.dropout,
-            bidirectional=lstm.bidirectional,
-            device=param.device,
-            dtype=param.dtype,
-            backend=backend,
-        )
-        fast.load_state_dict(lstm.state_dict())
-        fast.train(lstm.training)
+    def from_lstm(cls, lstm, backend="auto", copy=False):
+        """A FastBiLSTM that takes over an nn.LSTM's configuration and its Parameter objects.
+
+        Nothing is copied and no random number is drawn: the new module holds the very
+        Parameters (and parametrizations, e.g. weight_norm) of `lstm`, so `requires_grad`
+        flags, an optimizer built on `lstm.parameters()` and its state keep working, and a
+        seeded script stays the same script. The two modules then share their weights: use
+        the FastBiLSTM in place of the nn.LSTM. `copy=True` gives independent copies instead
+        (still without drawing random numbers), as `copy.deepcopy` would.
+        """
+        if not isinstance(lstm, nn.LSTM):
+            raise TypeError(f"from_lstm expects an nn.LSTM, got {type(lstm).__name__}")
+        if _overrides_forward(lstm, nn.LSTM):
+            raise TypeError(
+                f"{type(lstm).__name__} overrides nn.LSTM.forward; a FastBiLSTM would silently drop "
+                "that forward. Build the FastBiLSTM inside your subclass instead"
+            )
+        if copy:
+            import copy as _copy
+
+            lstm = _copy.deepcopy(lstm)
+        with torch.device("meta"):  # placeholders only: no memory, no random numbers
+            fast = cls(**_config(lstm), backend=backend)
+        _move_parameters(lstm, fast)
         return fast
+
+    def to_lstm(self):
+        """The inverse of from_lstm: an nn.LSTM holding this module's Parameter objects (no copy).
+
+        For what only nn.LSTM has: `torch.ao.quantization.quantize_dynamic(..., {nn.LSTM})`,
+        `torch.jit.script`, code that checks `isinstance(m, nn.LSTM)`."""
+        with torch.device("meta"):
+            lstm = nn.LSTM(**_config(self))
+        _move_parameters(self, lstm)
+        return lstm
 
     def _layer_params(self, layer):
         """One layer's parameters in nn.LSTM's flat order: per direction w_ih, w_hh[, b_ih, b_hh]."""
@@ -288,13 +313,97 @@ class FastBiLSTM(nn.RNNBase):
         return out, (h_n, c_n)
 
 
-def swap_lstm(model, backend="auto"):
-    """Replace every nn.LSTM inside `model` (in place) by a FastBiLSTM with the same weights.
+def _config(lstm):
+    return dict(
+        input_size=lstm.input_size,
+        hidden_size=lstm.hidden_size,
+        num_layers=lstm.num_layers,
+        bias=lstm.bias,
+        batch_first=lstm.batch_first,
+        dropout=lstm.dropout,
+        bidirectional=lstm.bidirectional,
+        proj_size=lstm.proj_size,
+    )
 
-    Returns the model, or a new FastBiLSTM when `model` itself is an nn.LSTM.
-    """
-    if isinstance(model, nn.LSTM):
-        return FastBiLSTM.from_lstm(model, backend=backend)
-    for name, child in model.named_children():
-        setattr(model, name, swap_lstm(child, backend=backend))
+
+def _overrides_forward(module, base):
+    """Whether module's class (under any parametrization wrapper class) has its own forward."""
+    return type(module).forward is not base.forward
+
+
+def _move_parameters(source, target):
+    """Register source's Parameter objects (and parametrizations) on target, under the same
+    names; target's own placeholders are dropped. Hooks, training mode and extra attributes
+    the user set on the module come along too."""
+    from torch.nn.utils import parametrize
+
+    names = source._flat_weights_names
+    plists = getattr(source, "parametrizations", {}) if parametrize.is_parametrized(source) else {}
+    for name in names:
+        if name in plists:
+            del target._parameters[name]
+            if not parametrize.is_parametrized(target):
+                parametrize._inject_new_class(target)
+                target.parametrizations = nn.ModuleDict()
+            parametrize._inject_property(target, name)
+            target.parametrizations[name] = plists[name]
+        else:
+            setattr(target, name, source._parameters[name])
+    target._init_flat_weights()
+    target.train(source.training)
+    for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                 "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+        if hasattr(source, attr):
+            getattr(target, attr).update(getattr(source, attr))
+
+
+def _swap(model, convert, is_source, memo, prefix=""):
+    for name, child in list(model._modules.items()):  # not named_children: it skips a module registered twice
+        if child is None:
+            continue
+        if id(child) in memo:  # a tied module: the same replacement in every place
+            setattr(model, name, memo[id(child)])
+            continue
+        path = f"{prefix}{name}"
+        if is_source(child):
+            memo[id(child)] = new = convert(child, path)
+            setattr(model, name, new)
+        else:
+            memo[id(child)] = child
+            _swap(child, convert, is_source, memo, f"{path}.")
     return model
+
+
+def swap_lstm(model, backend="auto"):
+    """Replace every nn.LSTM inside `model` (in place) by a FastBiLSTM holding its Parameters.
+
+    Returns the model, or a new FastBiLSTM when `model` itself is an nn.LSTM. The LSTMs'
+    Parameter objects move over (from_lstm): no copy, no random numbers drawn, so an optimizer
+    built before the swap trains the swapped model, frozen parameters stay frozen and
+    parametrizations (weight_norm) stay. A module registered in several places becomes one
+    FastBiLSTM in all of them. An nn.LSTM subclass that overrides `forward` is left as it is,
+    with a warning: replacing it would drop its forward.
+    """
+    import warnings
+
+    def convert(lstm, path):
+        if _overrides_forward(lstm, nn.LSTM):
+            warnings.warn(
+                f"swap_lstm leaves {path} ({type(lstm).__name__}) as it is: it overrides nn.LSTM.forward",
+                stacklevel=3,
+            )
+            return lstm
+        return FastBiLSTM.from_lstm(lstm, backend=backend)
+
+    if isinstance(model, nn.LSTM):
+        return convert(model, type(model).__name__)
+    return _swap(model, convert, lambda m: isinstance(m, nn.LSTM), {})
+
+
+def unswap_lstm(model):
+    """The inverse of swap_lstm: every FastBiLSTM inside `model` becomes an nn.LSTM holding its
+    Parameters (to_lstm). The path to dynamic quantization, which knows only nn.LSTM:
+    `torch.ao.quantization.quantize_dynamic(unswap_lstm(model), {nn.LSTM}, dtype=torch.qint8)`."""
+    if isinstance(model, FastBiLSTM):
+        return model.to_lstm()
+    return _swap(model, lambda m, path: m.to_lstm(), lambda m: isinstance(m, FastBiLSTM), {})

@@ -105,7 +105,7 @@ def swapped_directions(lstm):
 
 def planted(bug):
     def build(lstm):
-        model = Planted.from_lstm(lstm, backend="vectorized")
+        model = Planted.from_lstm(lstm, backend="vectorized", copy=True)
         model.bug = bug
         return model
 
@@ -116,13 +116,13 @@ WRONG = {
     "output-off-by-1e-3": planted("output-off-by-1e-3"),
     "gradient-off-by-1e-3": planted("gradient-off-by-1e-3"),
     "one-batch-row-stale": planted("one-batch-row-stale"),
-    "directions-swapped": lambda lstm: FastBiLSTM.from_lstm(swapped_directions(lstm), backend="vectorized"),
+    "directions-swapped": lambda lstm: FastBiLSTM.from_lstm(swapped_directions(lstm), backend="vectorized", copy=True),
 }
 
 
 @pytest.mark.parametrize("bug", list(WRONG))
 def test_wrong_implementation_is_reported_not_timed(bug, tmp_path, capsys):
-    impls = [run.Impl("fast-vectorized", lambda lstm: FastBiLSTM.from_lstm(lstm, backend="vectorized")),
+    impls = [run.Impl("fast-vectorized", lambda lstm: FastBiLSTM.from_lstm(lstm, backend="vectorized", copy=True)),
              run.Impl(f"planted-{bug}", WRONG[bug])]
     status = run.main(["--quick", "--shapes", "mnist", "--modes", "training", "--out", str(tmp_path)], impls=impls)
     assert status == 1
@@ -155,12 +155,12 @@ def test_quantiles_of_samples():
 
 def test_implementation_that_raises_is_reported_and_the_run_goes_on(tmp_path, capsys):
     def broken(lstm):
-        model = FastBiLSTM.from_lstm(lstm, backend="vectorized")
+        model = FastBiLSTM.from_lstm(lstm, backend="vectorized", copy=True)
         model.forward = lambda *args: (_ for _ in ()).throw(RuntimeError("kernel launch failed"))
         return model
 
     impls = [run.Impl("broken", broken),
-             run.Impl("fast-vectorized", lambda lstm: FastBiLSTM.from_lstm(lstm, backend="vectorized"))]
+             run.Impl("fast-vectorized", lambda lstm: FastBiLSTM.from_lstm(lstm, backend="vectorized", copy=True))]
     status = run.main(["--quick", "--shapes", "mnist", "--modes", "inference", "--out", str(tmp_path)], impls=impls)
     assert status == 1
     assert "kernel launch failed" in capsys.readouterr().out

@@ -58,7 +58,7 @@ def test_compile_fullgraph_inference_matches_eager():
 def test_cpu_bf16_autocast_matches_nn_lstm():
     torch.manual_seed(0)
     ref = nn.LSTM(6, 10, num_layers=2, bidirectional=True)
-    fast = FastBiLSTM.from_lstm(ref)
+    fast = FastBiLSTM.from_lstm(ref, copy=True)
     x = torch.randn(7, 3, 6, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         r_out, (r_h, r_c) = ref(x)
@@ -107,7 +107,7 @@ def test_cuda_compile_matches_eager():
 def test_cuda_autocast_dtype_matches_nn_lstm(dtype):
     torch.manual_seed(0)
     ref = nn.LSTM(16, 32, num_layers=2, bidirectional=True).cuda()
-    fast = FastBiLSTM.from_lstm(ref)
+    fast = FastBiLSTM.from_lstm(ref, copy=True)
     x = torch.randn(9, 4, 16, device="cuda")
     with torch.autocast("cuda", dtype=dtype):
         r_out, (r_h, r_c) = ref(x)

@@ -133,7 +133,7 @@ def cudnn_run(lstm, args, dtype):
 def test_parity_with_cudnn(case):
     T, B, I, H, layers, dtype, packed, plan = case
     lstm, args = problem(T, B, I, H, layers, dtype, packed)
-    fast = FastBiLSTM.from_lstm(lstm, backend="triton")
+    fast = FastBiLSTM.from_lstm(lstm, backend="triton", copy=True)
     with tr.forced_plan(**(plan or {})):
         got = run(fast, *args, dtype)
     cudnn = cudnn_run(lstm, args, dtype)
@@ -167,7 +167,7 @@ DETERMINISM = [
 @pytest.mark.parametrize("plan, H, dtype", DETERMINISM)
 def test_repeated_runs_are_bitwise_identical(plan, H, dtype):
     lstm, args = problem(31, 9, 8, H, 1, dtype, packed=True, seed=3)
-    fast = FastBiLSTM.from_lstm(lstm, backend="triton")
+    fast = FastBiLSTM.from_lstm(lstm, backend="triton", copy=True)
     with tr.forced_plan(**plan):
         first = run(fast, *args, dtype)
         for _ in range(3):
@@ -180,7 +180,7 @@ def test_tf32_switch_is_followed():
     """With cuDNN's TF32 switch on, fp32 dots are TF32: results move off the IEEE ones, by
     about what cuDNN's own TF32 LSTM moves (TF32 keeps 10 mantissa bits: 2 ulps = 2e-3)."""
     lstm, args = problem(40, 16, 32, 256, 1, torch.float32, packed=True)
-    fast = FastBiLSTM.from_lstm(lstm, backend="triton")
+    fast = FastBiLSTM.from_lstm(lstm, backend="triton", copy=True)
     ieee = run(fast, *args, torch.float32)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
         assert tr.dot_precision(torch.float32, CUDA) == "tf32"

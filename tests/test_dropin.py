@@ -91,3 +91,170 @@ def test_no_global_state_changes(dtype, mode, bidirectional):
     # and nn.LSTM still behaves as before: bf16 under autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert nn.LSTM(4, 3)(torch.randn(2, 1, 4))[0].dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- swapping
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.rnn = nn.LSTM(4, 6, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, tokens):
+        return self.head(self.rnn(self.embed(tokens))[0])
+
+
+def test_swap_draws_no_random_numbers():
+    """Construction used to initialize weights (drawing from the global RNG) that were then
+    overwritten: a seeded script was no longer the same script after the swap."""
+    torch.manual_seed(0)
+    model = Tagger()
+    before = torch.get_rng_state()
+    swap_lstm(model)
+    assert torch.equal(before, torch.get_rng_state())
+    FastBiLSTM.from_lstm(nn.LSTM(3, 4), copy=True)
+    nn.LSTM(3, 4)  # (this one draws, as it should)
+    before = torch.get_rng_state()
+    FastBiLSTM.from_lstm(nn.LSTM(3, 4, device="meta"))
+    FastBiLSTM.from_lstm(nn.LSTM(3, 4, device="meta"), copy=True)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_optimizer_built_before_the_swap_trains_the_swapped_model():
+    """swap_lstm made new Parameters, so an optimizer built before it trained nothing."""
+    torch.manual_seed(0)
+    model, ref = Tagger(), Tagger()
+    ref.load_state_dict(model.state_dict())
+    params = dict(model.named_parameters())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    tokens = torch.randint(0, 10, (3, 7))
+    for step in range(3):
+        if step == 1:
+            swap_lstm(model)  # mid-training, with Adam state already there
+            assert type(model.rnn) is FastBiLSTM
+            assert all(p is params[n] for n, p in model.named_parameters())
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(tokens).square().mean().backward()
+            o.step()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(dict(model.named_parameters())[name], p, **F32, msg=name)
+
+
+def test_swap_keeps_requires_grad():
+    model = Tagger()
+    model.rnn.weight_ih_l0.requires_grad_(False)
+    model.rnn.bias_hh_l1_reverse.requires_grad_(False)
+    frozen = {n for n, p in model.rnn.named_parameters() if not p.requires_grad}
+    swap_lstm(model)
+    assert {n for n, p in model.rnn.named_parameters() if not p.requires_grad} == frozen
+    model(torch.randint(0, 10, (2, 5))).sum().backward()
+    assert model.rnn.weight_ih_l0.grad is None and model.rnn.weight_hh_l0.grad is not None
+
+
+def test_swap_keeps_weight_norm_parametrization():
+    """load_state_dict used to fail on a parametrized LSTM (weight_norm on weight_hh_l0)."""
+    from torch.nn.utils.parametrizations import weight_norm
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 5, bidirectional=True, dtype=torch.float64)
+    weight_norm(ref, "weight_hh_l0")
+    fast = FastBiLSTM.from_lstm(ref, copy=True)
+    assert parametrize.is_parametrized(fast, "weight_hh_l0") and isinstance(fast, FastBiLSTM)
+    assert fast.parametrizations.weight_hh_l0.original0 is not ref.parametrizations.weight_hh_l0.original0
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    for m in (ref, fast):
+        m(x)[0].square().sum().backward()
+    torch.testing.assert_close(fast(x)[0], ref(x)[0], **F64)
+    for (name, a), (_, b) in zip(ref.named_parameters(), fast.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, **F64, msg=name)
+    moved = swap_lstm(nn.Sequential(ref))[0]
+    assert moved.parametrizations.weight_hh_l0 is ref.parametrizations.weight_hh_l0
+
+
+def test_tied_module_stays_tied():
+    """A module registered twice was swapped in one place only."""
+    lstm = nn.LSTM(3, 4, bidirectional=True)
+    model = nn.ModuleDict({"a": lstm, "b": lstm, "inner": nn.Sequential(lstm)})
+    swap_lstm(model)
+    assert type(model["a"]) is FastBiLSTM
+    assert model["a"] is model["b"] is model["inner"][0]
+
+
+def test_subclass_with_its_own_forward_is_left_with_a_warning():
+    class Residual(nn.LSTM):
+        def forward(self, x, hx=None):
+            out, state = super().forward(x, hx)
+            return out + x.repeat(1, 1, 2), state
+
+    model = nn.Sequential(Residual(4, 2, bidirectional=True), nn.LSTM(4, 3))
+    with pytest.warns(UserWarning, match=r"0 \(Residual\).*overrides nn.LSTM.forward"):
+        swap_lstm(model)
+    assert type(model[0]) is Residual and type(model[1]) is FastBiLSTM
+    with pytest.raises(TypeError, match="overrides nn.LSTM.forward"):
+        FastBiLSTM.from_lstm(Residual(4, 2))
+
+    class Tagged(nn.LSTM):  # no forward of its own: swapped
+        pass
+
+    assert type(swap_lstm(nn.Sequential(Tagged(2, 3)))[0]) is FastBiLSTM
+
+
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bi", "uni"])
+def test_to_lstm_is_the_inverse(bidirectional):
+    torch.manual_seed(0)
+    fast = FastBiLSTM(3, 5, num_layers=2, bidirectional=bidirectional, batch_first=True, dropout=0.1)
+    params = list(fast.parameters())
+    before = torch.get_rng_state()
+    lstm = fast.to_lstm()
+    assert torch.equal(before, torch.get_rng_state())
+    assert type(lstm) is nn.LSTM and all(a is b for a, b in zip(lstm.parameters(), params))
+    assert (lstm.batch_first, lstm.dropout, lstm.bidirectional, lstm.num_layers) == (True, 0.1, bidirectional, 2)
+    x = torch.randn(2, 6, 3)
+    lstm.eval(), fast.eval()
+    torch.testing.assert_close(lstm(x)[0], fast(x)[0], **F32)
+    back = FastBiLSTM.from_lstm(lstm)
+    assert all(a is b for a, b in zip(back.parameters(), params))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:torch.quantize_per_tensor")
+def test_quantization_path_through_to_lstm():
+    """quantize_dynamic knows only nn.LSTM and silently leaves a FastBiLSTM in float."""
+    from bilstm_fast import unswap_lstm
+
+    torch.manual_seed(0)
+    model = swap_lstm(Tagger()).eval()
+    tokens = torch.randint(0, 10, (2, 5))
+    expected = model(tokens)
+    quantized = torch.ao.quantization.quantize_dynamic(unswap_lstm(model), {nn.LSTM, nn.Linear}, dtype=torch.qint8)
+    assert isinstance(quantized.rnn, torch.ao.nn.quantized.dynamic.LSTM)
+    torch.testing.assert_close(quantized(tokens), expected, rtol=0, atol=0.05)  # int8 weights
+
+
+def test_repr_of_unidirectional_says_so():
+    assert repr(FastBiLSTM(5, 4, bidirectional=False)) == "FastBiLSTM(5, 4, bidirectional=False)"
+    assert repr(FastBiLSTM(5, 4)) == "FastBiLSTM(5, 4, bidirectional=True)"
+
+
+# ---------------------------------------------------------------- persistence
+
+
+def test_pickled_model_loads_with_the_weights_only_unpickler():
+    """torch.save(model) then torch.load (weights_only=True by default) failed on
+    bilstm_fast.module.FastBiLSTM, where the same script with nn.LSTM (allowlisted) loads."""
+    torch.manual_seed(0)
+    model = nn.Sequential(FastBiLSTM(3, 4, backend="vectorized"))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    with torch.serialization.safe_globals([nn.Sequential]):
+        loaded = torch.load(buf)
+    assert type(loaded[0]) is FastBiLSTM and loaded[0].backend == "vectorized"
+    x = torch.randn(2, 1, 3)
+    torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=0, atol=0)

@@ -75,7 +75,7 @@ def build(config):
     with torch.no_grad():
         for p in ref.parameters():
             p.mul_(c["weight_scale"])
-    fast = FastBiLSTM.from_lstm(ref).to(dtype)
+    fast = FastBiLSTM.from_lstm(ref, copy=True).to(dtype)
     ref.load_state_dict(fast.state_dict())  # the rounded weights, back in float64
     g = torch.Generator().manual_seed(c["seed"])
     T, B, I, H = c["T"], c["B"], c["I"], c["H"]

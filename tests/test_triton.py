@@ -221,7 +221,7 @@ def test_module_matches_nn_lstm(dtype, packed, tol):
     T, B, I, H = 7, 3, 5, 12
     torch.manual_seed(0)
     lstm = nn.LSTM(I, H, num_layers=2, bidirectional=True, dtype=dtype, device=DEVICE)
-    fast = FastBiLSTM.from_lstm(lstm, backend="triton")
+    fast = FastBiLSTM.from_lstm(lstm, backend="triton", copy=True)
     x = torch.randn(T, B, I, dtype=dtype, device=DEVICE)
     h0 = torch.randn(4, B, H, dtype=dtype, device=DEVICE)
     c0 = torch.randn(4, B, H, dtype=dtype, device=DEVICE)
