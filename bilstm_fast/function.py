@@ -6,6 +6,8 @@ weight and bias gradients after it. Only the recurrence itself comes from the ba
 When nothing needs a gradient, `lstm_layer` skips the Function and runs the inference
 recurrence, which keeps nothing for a backward.
 """
+from typing import List, Optional, Tuple
+
 import torch
 
 from bilstm_fast import ops
@@ -59,78 +61,218 @@ def sum_over_rows(a, b):
 
 def split_directions(params, D):
     """nn.LSTM's flat parameter list of one layer, direction by direction ([w_ih, w_hh, *bias
-    terms] each), as stacked [D, ...] weights and the summed bias [D, 4H] (None without bias).
-    The stacks and the sum are made here, inside the Function, so autograd never routes one
-    gradient buffer to several parameters (tests/test_grad_tensors.py)."""
+    terms, w_hr] each; w_hr [P, H] only with a projection), as stacked [D, ...] weights, the
+    summed bias [D, 4H] (None without bias) and the stacked w_hr [D, P, H] (or None). The stacks
+    and the sum are made here, inside the Function, so autograd never routes one gradient
+    buffer to several parameters (tests/test_grad_tensors.py)."""
+    D = int(D)  # a traced shape is a tensor
     per_direction = len(params) // D
     groups = [params[d * per_direction:(d + 1) * per_direction] for d in range(D)]
-    w_ih = torch.stack([group[0] for group in groups])
-    w_hh = torch.stack([group[1] for group in groups])
+    proj = per_direction > 2 and groups[0][-1].dim() == 2
+    stack = (lambda ts: ts[0].unsqueeze(0)) if D == 1 else torch.stack
+    w_ih = stack([group[0] for group in groups])
+    w_hh = stack([group[1] for group in groups])
+    w_hr = stack([group[-1] for group in groups]) if proj else None
+    n_bias = per_direction - 2 - proj
     bias = None
-    if per_direction > 2:
-        bias = torch.stack([sum(group[2:]) for group in groups])
-    return w_ih, w_hh, bias
+    if n_bias == 1:
+        bias = stack([group[2] for group in groups])
+    elif n_bias:
+        bias = stack([sum(group[2:2 + n_bias]) for group in groups])
+    return w_ih, w_hh, bias, w_hr
+
+
+def layer_autograd(x, h0, c0, lengths, params):
+    """The layer in plain differentiable torch ops, batched over B, one step at a time: what a
+    backward that must itself be differentiable (create_graph=True) recomputes and
+    differentiates. Same formulas, and the cell state in the same >= fp32 precision."""
+    D = h0.shape[0]
+    w_ih, w_hh, bias, w_hr = split_directions(params, D)
+    T = x.shape[0]
+    gx = input_projection(x, w_ih, bias)  # [T, B, D, 4H]
+    sdtype = torch.promote_types(x.dtype, torch.float32)
+    valid = None if lengths is None else torch.arange(T, device=x.device).unsqueeze(1) < lengths.unsqueeze(0)
+    outs, h_n, c_n = [], [], []
+    for d in range(D):
+        h, c = h0[d], c0[d].to(sdtype)
+        steps = [None] * T
+        for t in (range(T) if d == 0 else reversed(range(T))):
+            i, f, g, o = (gx[t, :, d] + h @ w_hh[d].t()).chunk(4, dim=-1)
+            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h_new = (torch.sigmoid(o) * torch.tanh(c_new)).to(x.dtype)
+            if w_hr is not None:
+                h_new = h_new @ w_hr[d].t()
+            if valid is None:
+                h, c, steps[t] = h_new, c_new, h_new
+            else:
+                m = valid[t].unsqueeze(1)
+                steps[t] = torch.where(m, h_new, torch.zeros_like(h_new))
+                h, c = torch.where(m, h_new, h), torch.where(m, c_new, c)
+        outs.append(torch.stack(steps))
+        h_n.append(h)
+        c_n.append(c.to(x.dtype))
+    return torch.cat(outs, dim=-1), torch.stack(h_n), torch.stack(c_n)
+
+
+def projected_input(gates, cs, dtype):
+    """o * tanh(c) [T, B, D, H] from the saved activated gates and cell states: the input of
+    the projection h = (o * tanh(c)) @ W_hr^T, for W_hr's gradient."""
+    H = cs.shape[-1]
+    return (gates[..., 3 * H:].to(cs.dtype) * torch.tanh(cs)).to(dtype)
 
 
 class LSTMLayerFunction(torch.autograd.Function):
     """(x [T,B,I], h0, c0 [D,B,H], lengths [B] or None, backend, *params) -> out [T,B,D*H],
-    h_n [D,B,H], c_n [D,B,H].
+    h_n [D,B,H], c_n [D,B,H], gates, cs (the last two saved for backward and not
+    differentiable: `lstm_layer_params` drops them).
 
     params is the layer's flat parameter list as nn.LSTM orders it: for each direction
     w_ih [4H,I], w_hh [4H,H], then any number of bias terms [4H] (nn.LSTM has two, b_ih and
-    b_hh, which are summed). Every parameter gets a gradient tensor of its own: one shared
-    buffer would be hit twice by in-place gradient edits (clipping, accumulation)."""
+    b_hh, which are summed), then w_hr [P,H] with a projection (h0, h_n, out then P wide).
+    Every parameter gets a gradient tensor of its own: one shared buffer would be hit twice by
+    in-place gradient edits (clipping, accumulation).
+
+    forward/setup_context are separate, so torch.func transforms (grad, jacrev, vmap through
+    the custom ops' vmap rules) work. A backward asked to be differentiable itself
+    (create_graph=True: gradient penalties, gradgradcheck) recomputes the layer with plain
+    torch ops and differentiates that."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, h0, c0, lengths, backend, *params):
+    def forward(x, h0, c0, lengths, backend, *params):
         T, B, _ = x.shape
-        D, _, H = h0.shape
-        w_ih, w_hh, bias = split_directions(params, D)
+        D = h0.shape[0]
+        w_ih, w_hh, bias, w_hr = split_directions(params, D)
         gx = input_projection(x, w_ih, bias)
-        out, h_n, c_n, gates, cs = ops.recurrence_forward(gx, w_hh, h0, c0, lengths, backend)
-        ctx.save_for_backward(x, w_ih, w_hh, h0, c0, lengths, out, gates, cs)
-        ctx.backend = backend
-        ctx.per_direction = len(params) // D
-        return out.view(T, B, D * H), h_n, c_n
+        out, h_n, c_n, gates, cs = ops.recurrence_forward(gx, w_hh, h0, c0, lengths, backend, w_hr)
+        return out.view(T, B, out.shape[2] * out.shape[3]), h_n, c_n, gates, cs
 
     @staticmethod
-    def backward(ctx, dout, dh_n, dc_n):
-        x, w_ih, w_hh, h0, c0, lengths, out, gates, cs = ctx.saved_tensors
+    def setup_context(ctx, inputs, output):
+        x, h0, c0, lengths, backend, *params = inputs
+        out, _, _, gates, cs = output
+        ctx.mark_non_differentiable(gates, cs)
+        ctx.set_materialize_grads(False)
+        # out detached: saving the output itself would keep its grad_fn, this node, alive from
+        # the node's own saved tensors, a reference cycle (detach shares the version counter,
+        # so an in-place edit of out is still caught)
+        ctx.save_for_backward(x, h0, c0, lengths, out.detach(), gates, cs, *params)
+        ctx.backend = backend
+
+    @staticmethod
+    def backward(ctx, dout, dh_n, dc_n, _dgates, _dcs):
+        x, h0, c0, lengths, out, gates, cs, *params = ctx.saved_tensors
+        need = getattr(ctx, "need", None) or ctx.needs_input_grad
+        if torch.is_grad_enabled() and not any(map(_vmapped, (dout, dh_n, dc_n))):
+            return differentiable_backward(need, x, h0, c0, lengths, params, dout, dh_n, dc_n)
         T, B, I = x.shape
-        D, G, H = w_hh.shape
+        D = h0.shape[0]
+        w_ih, w_hh, _, w_hr = split_directions(params, D)
+        G = w_hh.shape[1]
+        P = h0.shape[2]
+        out = out.view(T, B, D, P)
         # outputs the caller did not use arrive as None
-        dout = torch.zeros_like(out) if dout is None else dout.reshape(T, B, D, H)
+        dout = torch.zeros_like(out) if dout is None else dout.reshape(T, B, D, P)
         dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
         dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
-        dgates, dh0, dc0 = ops.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, ctx.backend)
-        need = ctx.needs_input_grad
+        dgates, dh0, dc0, dhs = ops.recurrence_backward(
+            dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, ctx.backend, w_hr
+        )
         dx = None
         if need[0]:
             dx = torch.mm(dgates.view(T * B, D * G), w_ih.reshape(D * G, I)).view(T, B, I)
         dh0 = dh0.to(h0.dtype) if need[1] else None
         dc0 = dc0.to(c0.dtype) if need[2] else None
-        h_prev = None
+        h_prev = r = None
+        per_direction = len(params) // D
+        proj = w_hr is not None
         param_grads = []
         for d in range(D):
             # one GEMM per direction and parameter on strided views of dgates: no copy, and every
             # parameter's gradient is a fresh tensor (einsum first copied dgates into a
             # [D, 4H, T*B] layout, 2.4x slower; benchmarks/NOTES.md attempt 5)
-            first = 5 + d * ctx.per_direction
-            need_d = need[first:first + ctx.per_direction]
+            first = 5 + d * per_direction
+            need_d = need[first:first + per_direction]
+            need_bias = need_d[2:per_direction - proj]
             dgates_d = dgates[:, :, d].reshape(T * B, G)
             dw_ih = dw_hh = None
             if need_d[0]:
                 dw_ih = sum_over_rows(dgates_d, x.reshape(T * B, I))
             if need_d[1]:
                 if h_prev is None:
-                    h_prev = previous_hidden(out, h0, lengths)  # [T, B, D, H]
-                dw_hh = sum_over_rows(dgates_d, h_prev[:, :, d].reshape(T * B, H))
+                    h_prev = previous_hidden(out, h0, lengths)  # [T, B, D, P]
+                dw_hh = sum_over_rows(dgates_d, h_prev[:, :, d].reshape(T * B, P))
             param_grads += [dw_ih, dw_hh]
-            db = dgates_d.sum(0) if any(need_d[2:]) else None
-            for k, needed in enumerate(need_d[2:]):
+            db = dgates_d.sum(0) if any(need_bias) else None
+            for k, needed in enumerate(need_bias):
                 # every bias term gets its own copy of the one gradient (a 4H vector: negligible)
-                param_grads.append(None if not needed else db if k == need_d[2:].index(True) else db.clone())
+                param_grads.append(None if not needed else db if k == need_bias.index(True) else db.clone())
+            if proj:
+                dw_hr = None
+                if need_d[-1]:
+                    if r is None:
+                        r = projected_input(gates, cs, x.dtype)  # [T, B, D, H]
+                    dw_hr = sum_over_rows(dhs[:, :, d].reshape(T * B, P), r[:, :, d].reshape(T * B, -1))
+                param_grads.append(dw_hr)
         return (dx, dh0, dc0, None, None, *param_grads)
+
+
+def _vmapped(t):
+    """Whether t is batched by torch.vmap (jacrev batches the cotangents). The custom ops
+    batch by their vmap rules; a nested autograd.grad would not see the batch."""
+    return t is not None and torch._C._functorch.is_batchedtensor(t)
+
+
+def differentiable_backward(need, x, h0, c0, lengths, params, dout, dh_n, dc_n):
+    """The backward as a differentiable computation (create_graph=True): recompute the layer
+    with plain torch ops from the saved inputs and differentiate it, keeping the graph."""
+    inputs = [x, h0, c0, *params]
+    wanted = [k for k, t in enumerate(inputs) if need[k if k < 3 else k + 2]]
+    with torch.enable_grad():
+        outputs = layer_autograd(x, h0, c0, lengths, params)
+        pairs = [(o, g) for o, g in zip(outputs, (dout, dh_n, dc_n)) if g is not None]
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs], [inputs[k] for k in wanted], [g for _, g in pairs],
+            create_graph=True, allow_unused=True,
+        )
+    result = [None] * len(inputs)
+    for k, g in zip(wanted, grads):
+        result[k] = torch.zeros_like(inputs[k]) if g is None else g
+    return (*result[:3], None, None, *result[3:])
+
+
+# The whole layer as one custom op with an autograd formula, for torch.jit.trace: a traced
+# autograd.Function is a Python call that jit.save cannot export, and its trace check fails;
+# this op is recorded as `bilstm_fast::lstm_layer`, runs (and differentiates) after jit.load
+# in any process that has imported bilstm_fast.
+@torch.library.custom_op("bilstm_fast::lstm_layer", mutates_args=())
+def lstm_layer_op(
+    x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, lengths: Optional[torch.Tensor], backend: str,
+    params: List[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return LSTMLayerFunction.forward(x, h0, c0, lengths, backend, *params)
+
+
+@lstm_layer_op.register_fake
+def _(x, h0, c0, lengths, backend, params):
+    return LSTMLayerFunction.forward(x, h0, c0, lengths, backend, *params)
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, h0, c0, lengths, backend, params = inputs
+    _, _, _, gates, cs = output
+    ctx.save_for_backward(x, h0, c0, lengths, output[0].detach(), gates, cs, *params)
+    ctx.backend = backend
+    ctx.need = tuple(t is not None and t.requires_grad for t in (x, h0, c0, None, None, *params))
+
+
+def _op_backward(ctx, dout, dh_n, dc_n, _dgates, _dcs):
+    dx, dh0, dc0, _, _, *param_grads = LSTMLayerFunction.backward(ctx, dout, dh_n, dc_n, None, None)
+    return dx, dh0, dc0, None, None, list(param_grads)
+
+
+torch.library.register_autograd(lstm_layer_op, _op_backward, setup_context=_op_setup_context)
 
 
 def check_lengths(lengths, T, B, device):
@@ -153,18 +295,24 @@ def check_lengths(lengths, T, B, device):
 def lstm_layer_params(x, params, h0, c0, lengths=None, backend="auto"):
     """One layer from nn.LSTM's flat per-layer parameter list (see LSTMLayerFunction)."""
     check_lengths(lengths, x.shape[0], x.shape[1], x.device)
+    if torch.jit.is_tracing():
+        out, h_n, c_n, _, _ = lstm_layer_op(x, h0, c0, lengths, backend, list(params))
+        return out, h_n, c_n
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *params)):
-        return LSTMLayerFunction.apply(x, h0, c0, lengths, backend, *params)
+        out, h_n, c_n, _, _ = LSTMLayerFunction.apply(x, h0, c0, lengths, backend, *params)
+        return out, h_n, c_n
     T, B, _ = x.shape
-    w_ih, w_hh, bias = split_directions(params, h0.shape[0])
-    out, h_n, c_n = ops.recurrence_inference(input_projection(x, w_ih, bias), w_hh, h0, c0, lengths, backend)
-    return out.view(T, B, -1), h_n, c_n
+    w_ih, w_hh, bias, w_hr = split_directions(params, h0.shape[0])
+    gx = input_projection(x, w_ih, bias)
+    out, h_n, c_n = ops.recurrence_inference(gx, w_hh, h0, c0, lengths, backend, w_hr)
+    return out.view(T, B, out.shape[2] * out.shape[3]), h_n, c_n
 
 
-def lstm_layer(x, w_ih, w_hh, bias, h0, c0, lengths=None, backend="auto"):
+def lstm_layer(x, w_ih, w_hh, bias, h0, c0, lengths=None, backend="auto", w_hr=None):
     """Functional entry point on stacked weights: x [T,B,I], w_ih [D,4H,I], w_hh [D,4H,H],
-    bias [D,4H] (b_ih + b_hh) or None, h0/c0 [D,B,H], lengths [B] or None."""
+    bias [D,4H] (b_ih + b_hh) or None, h0/c0 [D,B,H], lengths [B] or None; with a projection
+    w_hr [D,P,H], w_hh [D,4H,P] and h0 [D,B,P]."""
     params = []
     for d in range(w_ih.shape[0]):
-        params += [w_ih[d], w_hh[d]] + ([] if bias is None else [bias[d]])
+        params += [w_ih[d], w_hh[d]] + ([] if bias is None else [bias[d]]) + ([] if w_hr is None else [w_hr[d]])
     return lstm_layer_params(x, params, h0, c0, lengths, backend)

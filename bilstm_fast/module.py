@@ -34,8 +34,6 @@ class FastBiLSTM(nn.RNNBase):
         dtype=None,
         backend="auto",
     ):
-        if proj_size != 0:
-            raise NotImplementedError("FastBiLSTM does not support proj_size > 0 yet; use nn.LSTM")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         super().__init__(
@@ -66,7 +64,9 @@ class FastBiLSTM(nn.RNNBase):
     def __prepare_scriptable__(self):
         raise RuntimeError(
             "FastBiLSTM cannot be compiled by torch.jit.script (its ops are Python autograd "
-            "Functions and custom ops); use torch.compile, or torch.jit.trace for export"
+            "Functions and custom ops). What works: torch.compile; torch.jit.trace (jit.save and "
+            "jit.load included; loading needs `import bilstm_fast`); torch.export; or "
+            "module.to_lstm() for an nn.LSTM that jit.script accepts"
         )
 
     # nn.LSTM's argument checks and hidden-state permutation, so errors read the same.
@@ -112,23 +112,27 @@ class FastBiLSTM(nn.RNNBase):
         return lstm
 
     def _layer_params(self, layer):
-        """One layer's parameters in nn.LSTM's flat order: per direction w_ih, w_hh[, b_ih, b_hh]."""
+        """One layer's parameters in nn.LSTM's flat order: per direction w_ih, w_hh[, b_ih, b_hh][, w_hr]."""
         suffixes = ["", "_reverse"][: 2 if self.bidirectional else 1]
         names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        names += ["weight_hr"] if self.proj_size > 0 else []
         return [getattr(self, f"{name}_l{layer}{suffix}") for suffix in suffixes for name in names]
 
     def _expected_parameter_shapes(self):
         """(name, shape) of every weight and bias, as nn.RNNBase creates them."""
         D = 2 if self.bidirectional else 1
         H, G = self.hidden_size, 4 * self.hidden_size
+        P = self.proj_size or H  # the width of h
         for layer in range(self.num_layers):
-            layer_input = self.input_size if layer == 0 else D * H
+            layer_input = self.input_size if layer == 0 else D * P
             for suffix in ("", "_reverse")[:D]:
                 yield f"weight_ih_l{layer}{suffix}", (G, layer_input)
-                yield f"weight_hh_l{layer}{suffix}", (G, H)
+                yield f"weight_hh_l{layer}{suffix}", (G, P)
                 if self.bias:
                     yield f"bias_ih_l{layer}{suffix}", (G,)
                     yield f"bias_hh_l{layer}{suffix}", (G,)
+                if self.proj_size > 0:
+                    yield f"weight_hr_l{layer}{suffix}", (self.proj_size, H)
 
     def _check_parameters(self):
         """A weight replaced after construction must still fit. nn.LSTM does not check: a wrong
@@ -283,24 +287,28 @@ class FastBiLSTM(nn.RNNBase):
             if x.shape[0] == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if hx is None:
-            zeros = x.new_zeros(self.num_layers * D, x.shape[1], self.hidden_size)
-            hx = (zeros, zeros)
+            c_zeros = x.new_zeros(self.num_layers * D, x.shape[1], self.hidden_size)
+            h_zeros = x.new_zeros(self.num_layers * D, x.shape[1], self.proj_size) if self.proj_size > 0 else c_zeros
+            hx = (h_zeros, c_zeros)
         self._check_devices(x, hx)
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            # as nn.LSTM under autocast: run in the autocast dtype (fp32 accumulation and cell
-            # state inside the op), with autocast off so nothing inside is cast again
-            dtype = torch.get_autocast_dtype(device_type)
-            x, hx = x.to(dtype), (hx[0].to(dtype), hx[1].to(dtype))
-        with torch.autocast(device_type, enabled=False):
+        if not torch.amp.is_autocast_available(device_type):  # e.g. meta: no autocast to switch off
             out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths)
+        else:
+            if torch.is_autocast_enabled(device_type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+                # as nn.LSTM under autocast: run in the autocast dtype (fp32 accumulation and cell
+                # state inside the op), with autocast off so nothing inside is cast again
+                dtype = torch.get_autocast_dtype(device_type)
+                x, hx = x.to(dtype), (hx[0].to(dtype), hx[1].to(dtype))
+            with torch.autocast(device_type, enabled=False):
+                out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths)
 
         if packed:
             sorted_lengths = lengths_cpu[sorted_indices.cpu()] if sorted_indices is not None else lengths_cpu
             out_sorted = out if sorted_indices is None else out.index_select(1, sorted_indices)
             data = pack_padded_sequence(out_sorted, sorted_lengths).data
             return PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
-        if out.requires_grad:
+        if out.requires_grad or torch.jit.is_tracing():  # a trace must not depend on grad mode
             # out is a view of a tensor the op saves for backward, so it cannot be modified in
             # place; nn.LSTM's output can (masking padded steps, ReLU(inplace=True)) and still
             # backpropagate. A copy of the last layer's output is what that costs.

@@ -1,7 +1,12 @@
 """The recurrence as torch.library custom ops, so torch.compile sees one opaque, well-typed op
 per direction sweep (no graph break) instead of tracing into a Python time loop or a Triton
 launcher. The GEMMs around the recurrence stay ordinary torch ops that the compiler can fuse.
-The fake implementations give the compiler output shapes and dtypes without running anything.
+The fake implementations give the compiler (and the meta device) output shapes and dtypes
+without running anything; the vmap rules let torch.func transforms (jacrev, vmap) batch them.
+
+Projection (proj_size > 0, `w_hr`) is an optional extra of the backend contract: a backend
+module that sets `SUPPORTS_PROJECTION = True` receives `w_hr=`; layers with a projection on
+any other backend run on the vectorized one.
 """
 from typing import Optional
 
@@ -12,39 +17,54 @@ from bilstm_fast.kernels import recurrence_module, resolve_backend
 from bilstm_fast.kernels.vectorized import state_dtype
 
 
+def _backend(backend, device, w_hr):
+    rec = recurrence_module(resolve_backend(backend, device))
+    if w_hr is not None and not getattr(rec, "SUPPORTS_PROJECTION", False):
+        rec = recurrence_module("vectorized")
+    return rec
+
+
+def _forward(gx, w_hh, h0, c0, lengths, backend, w_hr, save):
+    rec = _backend(backend, gx.device, w_hr)
+    if w_hr is None:  # the base contract, unchanged for backends without projection
+        return rec.recurrence_forward(gx, w_hh, h0, c0, lengths, save=save)
+    return rec.recurrence_forward(gx, w_hh, h0, c0, lengths, save=save, w_hr=w_hr)
+
+
 @torch.library.custom_op("bilstm_fast::recurrence_forward", mutates_args=())
 def recurrence_forward(
-    gx: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Optional[Tensor], backend: str
+    gx: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Optional[Tensor], backend: str,
+    w_hr: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    rec = recurrence_module(resolve_backend(backend, gx.device))
-    return rec.recurrence_forward(gx, w_hh, h0, c0, lengths)
+    return _forward(gx, w_hh, h0, c0, lengths, backend, w_hr, save=True)
 
 
 @recurrence_forward.register_fake
-def _(gx, w_hh, h0, c0, lengths, backend):
+def _(gx, w_hh, h0, c0, lengths, backend, w_hr=None):
     T, B, D, G = gx.shape
     H = G // 4
-    out = gx.new_empty(T, B, D, H)
+    P = h0.shape[-1]  # = H without projection
+    out = gx.new_empty(T, B, D, P)
     gates = gx.new_empty(T, B, D, G)
     cs = gx.new_empty(T, B, D, H, dtype=state_dtype(gx.dtype))
-    return out, gx.new_empty(D, B, H), gx.new_empty(D, B, H), gates, cs
+    return out, gx.new_empty(D, B, P), gx.new_empty(D, B, H), gates, cs
 
 
 @torch.library.custom_op("bilstm_fast::recurrence_inference", mutates_args=())
 def recurrence_inference(
-    gx: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Optional[Tensor], backend: str
+    gx: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Optional[Tensor], backend: str,
+    w_hr: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The forward when nothing needs a gradient: no gates or cell states kept for a backward."""
-    rec = recurrence_module(resolve_backend(backend, gx.device))
-    out, h_n, c_n, _, _ = rec.recurrence_forward(gx, w_hh, h0, c0, lengths, save=False)
+    out, h_n, c_n, _, _ = _forward(gx, w_hh, h0, c0, lengths, backend, w_hr, save=False)
     return out, h_n, c_n
 
 
 @recurrence_inference.register_fake
-def _(gx, w_hh, h0, c0, lengths, backend):
+def _(gx, w_hh, h0, c0, lengths, backend, w_hr=None):
     T, B, D, G = gx.shape
-    H = G // 4
-    return gx.new_empty(T, B, D, H), gx.new_empty(D, B, H), gx.new_empty(D, B, H)
+    H, P = G // 4, h0.shape[-1]
+    return gx.new_empty(T, B, D, P), gx.new_empty(D, B, P), gx.new_empty(D, B, H)
 
 
 @torch.library.custom_op("bilstm_fast::recurrence_backward", mutates_args=())
@@ -58,12 +78,38 @@ def recurrence_backward(
     c0: Tensor,
     lengths: Optional[Tensor],
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    rec = recurrence_module(resolve_backend(backend, gates.device))
-    return rec.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths)
+    w_hr: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> dgates, dh0, dc0, dh: with a projection, dh [T, B, D, P] is the gradient of each
+    step's projected hidden state (for W_hr's gradient); without one an empty tensor."""
+    rec = _backend(backend, gates.device, w_hr)
+    if w_hr is None:
+        dgates, dh0, dc0 = rec.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths)
+        return dgates, dh0, dc0, gates.new_empty(0)
+    return rec.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, w_hr=w_hr)
 
 
 @recurrence_backward.register_fake
-def _(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, backend):
+def _(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, backend, w_hr=None):
     acc = state_dtype(gates.dtype)
-    return gates.new_empty(gates.shape), dh_n.new_empty(dh_n.shape, dtype=acc), dc_n.new_empty(dc_n.shape, dtype=acc)
+    dh = gates.new_empty(0) if w_hr is None else dout.new_empty(dout.shape, dtype=gates.dtype)
+    return gates.new_empty(gates.shape), dh_n.new_empty(dh_n.shape, dtype=acc), dc_n.new_empty(dc_n.shape, dtype=acc), dh
+
+
+def _vmap_by_loop(op):
+    """vmap rule: run the op once per batch entry and stack (the recurrence has no batched
+    form beyond its own batch axis; torch.func.jacrev's cotangent batches are small)."""
+
+    def rule(info, in_dims, *args):
+        per_call = []
+        for k in range(info.batch_size):
+            call = [a if d is None else a.select(d, k) for a, d in zip(args, in_dims)]
+            per_call.append(op(*call))
+        outputs = tuple(torch.stack(parts) for parts in zip(*per_call))
+        return outputs, (0,) * len(outputs)
+
+    return rule
+
+
+for _op in (recurrence_forward, recurrence_inference, recurrence_backward):
+    torch.library.register_vmap(_op, _vmap_by_loop(_op))

@@ -25,6 +25,12 @@ bias and input gradients are large GEMMs done by the caller, see bilstm_fast/fun
 
 All outputs are new, contiguous tensors (dgates must be: the caller views it as [T*B, D*4H]).
 
+Projection (proj_size P > 0), an optional extra a backend declares with SUPPORTS_PROJECTION:
+both functions take `w_hr` [D, P, H] as a keyword; then h = (o * tanh(c)) @ W_hr^T, so w_hh
+is [D, 4H, P], h0/h_n and out carry P features, and recurrence_backward returns a fourth
+tensor, dh [T, B, D, P]: the gradient of each step's projected h (zero where t >= lengths[b]),
+from which the caller forms W_hr's gradient.
+
 Why it is written this way (measured on CPU, see benchmarks/NOTES.md): with both directions in
 one contiguous [T, B, D, F] buffer, the two slices that step s touches (direction 0 at time s,
 direction 1 at time T-1-s) are always one strided view with a positive lane stride, once the
@@ -36,6 +42,8 @@ torch's float tanh on a strided view is ~5x slower with 2+ threads. Padded steps
 masked by selection (torch.where), never by multiplying: 0 * inf would be NaN.
 """
 import torch
+
+SUPPORTS_PROJECTION = True
 
 
 def state_dtype(dtype):
@@ -77,13 +85,15 @@ def in_order(t, reverse, was_reverse):
     return t.flip(0) if reverse != was_reverse else t
 
 
-def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True):
+def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True, w_hr=None):
     T, B, D, G = gx.shape
     H = G // 4
+    P = H if w_hr is None else w_hr.shape[1]
     # contiguous W_hh^T: the GEMM runs ~20% faster than on the transposed view
-    w_t = both_orders(w_hh.transpose(1, 2).contiguous())  # [D, H, 4H]
+    w_t = both_orders(w_hh.transpose(1, 2).contiguous())  # [D, P, 4H]
+    w_hr_t = None if w_hr is None else both_orders(w_hr.transpose(1, 2).contiguous())  # [D, H, P]
     sdtype = state_dtype(gx.dtype)
-    out = gx.new_empty(T, B, D, H)
+    out = gx.new_empty(T, B, D, P)
     if save:
         gates = gx.clone(memory_format=torch.contiguous_format)  # gx + h W^T, then activated, in place
         cs = gx.new_empty(T, B, D, H, dtype=sdtype)
@@ -132,7 +142,14 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True):
             lane_view(cs, s)[0].copy_(c_new)
         torch.tanh(c_new, out=tanh_c)
         b_out = lane_view(out, s)[0]
-        if valid is None:
+        if w_hr is not None:
+            h_new = torch.bmm((o * tanh_c).to(gx.dtype), w_hr_t[reverse])  # [D, B, P]
+            if valid is None:
+                h = b_out.copy_(h_new)
+            else:
+                torch.where(m, h_new, zero, out=b_out)
+                h = torch.where(m, h_new, h)
+        elif valid is None:
             torch.mul(o, tanh_c, out=b_out)
             h = b_out
         else:
@@ -146,14 +163,17 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True):
     return out, h_n, c_n, gates, cs
 
 
-def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None):
+def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None, w_hr=None):
     T, B, D, G = gates.shape
     H = G // 4
     acc = state_dtype(gates.dtype)
     # lane_view needs standard strides; free for this backend's own forward outputs
     gates, cs, dout = gates.contiguous(), cs.contiguous(), dout.contiguous()
-    w = both_orders(w_hh.to(acc).contiguous())  # [D, 4H, H]
+    w = both_orders(w_hh.to(acc).contiguous())  # [D, 4H, P]
     dgates = gates.new_empty(T, B, D, G)
+    if w_hr is not None:
+        w_r = both_orders(w_hr.to(acc).contiguous())  # [D, P, H]
+        dhs = gates.new_empty(dout.shape)  # [T, B, D, P]
     # the gate gradients are formed in acc precision: in dgates itself when it has that dtype
     scratch = None if dgates.dtype == acc else dgates.new_empty(D, B, G, dtype=acc)
     # d(activation)/d(pre-activation) from the activation a: a(1-a) for sigmoid, 1-a^2 for tanh,
@@ -186,6 +206,11 @@ def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None):
         d_out = lane_view(dout, s)[0]
         m = None if valid is None else lane_view(valid, s)[0].unsqueeze(-1)  # [D, B, 1]
         dh_t = dh + (d_out if m is None else torch.where(m, d_out, zero))
+        if w_hr is not None:
+            # the step's projected h: record its gradient (none past the end), and carry on
+            # with the gradient of the unprojected o * tanh(c)
+            lane_view(dhs, s)[0].copy_(dh_t if m is None else torch.where(m, dh_t, zero))
+            dh_t = torch.bmm(dh_t, w_r[reverse])  # [D, B, H]
         tanh_c.copy_(c).tanh_()
         dc_t = torch.addcmul(dc, dh_t * o, torch.addcmul(one, tanh_c, tanh_c, value=-1))
         b_dgates = lane_view(dgates, s)[0] if scratch is None else scratch
@@ -210,4 +235,6 @@ def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None):
         dh, dc = dh_prev, dc_prev
     if was_reverse:
         dh, dc = dh.flip(0), dc.flip(0)
+    if w_hr is not None:
+        return dgates, dh.contiguous(), dc.contiguous(), dhs
     return dgates, dh.contiguous(), dc.contiguous()

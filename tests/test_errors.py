@@ -45,9 +45,3 @@ def test_state_dtype_mismatch_is_a_clear_error():
     with pytest.raises(RuntimeError, match="Expected h0 to have dtype torch.float32"):
         FastBiLSTM(I, H, num_layers=L)(x, hx)
 
-
-def test_proj_size_is_not_implemented():
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        FastBiLSTM(I, H, proj_size=2)
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        FastBiLSTM.from_lstm(nn.LSTM(I, H, proj_size=2))
