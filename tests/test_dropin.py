@@ -258,3 +258,136 @@ def test_pickled_model_loads_with_the_weights_only_unpickler():
     assert type(loaded[0]) is FastBiLSTM and loaded[0].backend == "vectorized"
     x = torch.randn(2, 1, 3)
     torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- autograd and transforms
+
+
+def pair(backend, dtype=torch.float64, seed=0, **config):
+    torch.manual_seed(seed)
+    config = {"input_size": 3, "hidden_size": 4, "bidirectional": True, **config}
+    ref = nn.LSTM(**config, dtype=dtype)
+    fast = FastBiLSTM.from_lstm(ref, backend=backend, copy=True)
+    return ref, fast
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", [dict(), dict(num_layers=2, bidirectional=False), dict(proj_size=2)], ids=["bi", "uni-2layer", "proj"])
+def test_gradient_penalty_double_backward(backend, config):
+    """create_graph=True failed: no autograd formula for bilstm_fast::recurrence_backward. The
+    penalty |d out / d x|^2 and its gradient with respect to every parameter, against nn.LSTM
+    (float64: both are exact up to rounding, 1e-10)."""
+    ref, fast = pair(backend, **config)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([5, 3])
+    results = []
+    for model in (ref, fast):
+        for packed in (False, True):
+            inp = nn.utils.rnn.pack_padded_sequence(x, lengths) if packed else x
+            out, (h, c) = model(inp)
+            out = out.data if packed else out
+            loss = out.square().sum() + (h.square().sum() * c.sum())
+            (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+            penalty = gx.square().sum()
+            grads = torch.autograd.grad(penalty, list(model.parameters()))
+            results.append((penalty, *grads))
+    for got, want in zip(results[2:], results[:2]):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, **F64)
+
+
+def test_gradgradcheck_float64():
+    from bilstm_fast import lstm_layer
+
+    g = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+
+    T, B, I, H, D, P = 3, 2, 2, 3, 2, 2
+    for w_hr, hidden in ((None, H), (rand(D, P, H), P)):
+        inputs = [rand(T, B, I), rand(D, 4 * H, I), rand(D, 4 * H, hidden), rand(D, 4 * H), rand(D, B, hidden), rand(D, B, H)]
+        lens = torch.tensor([3, 2])
+        extra = [] if w_hr is None else [w_hr]
+
+        def op(x, w_ih, w_hh, b, h0, c0, *w_hr):
+            return lstm_layer(x, w_ih, w_hh, b, h0, c0, lens, backend="vectorized", w_hr=w_hr[0] if w_hr else None)
+
+        assert torch.autograd.gradgradcheck(op, inputs + extra, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_grad_with_functional_call(backend):
+    """torch.func.grad failed: the Function had no setup_context."""
+    from torch.func import functional_call, grad
+
+    ref, fast = pair(backend, num_layers=2)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+
+    def loss(model):
+        return lambda params, x: functional_call(model, params, (x,))[0].square().sum()
+
+    got = grad(loss(fast))(dict(fast.named_parameters()), x)
+    want = grad(loss(ref))(dict(ref.named_parameters()), x)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **F64, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_jacrev_and_vmap(backend):
+    from torch.func import functional_call, jacrev, vmap
+
+    ref, fast = pair(backend)
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    params = dict(fast.named_parameters())
+    got = jacrev(lambda x: functional_call(fast, params, (x,))[0])(x)
+    want = jacrev(lambda x: ref(x)[0])(x)
+    torch.testing.assert_close(got, want, **F64)
+    xs = torch.randn(2, 3, 2, 3, dtype=torch.float64)  # vmap over a leading axis of inputs
+    torch.testing.assert_close(vmap(lambda x: fast(x)[0])(xs), torch.stack([ref(x)[0] for x in xs]), **F64)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("proj_size", [0, 2])
+def test_meta_device_forward(train, proj_size):
+    """A forward on the meta device failed ("unknown device type for autocast"); nn.LSTM
+    returns meta outputs of the right shapes, and so must we, backward included."""
+    ref = nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=proj_size, device="meta")
+    fast = FastBiLSTM(3, 4, num_layers=2, proj_size=proj_size, device="meta").train(train)
+    x = torch.empty(5, 2, 3, device="meta", requires_grad=train)
+    got, want = fast(x), ref(x)
+    assert got[0].device.type == "meta"
+    assert [t.shape for t in (got[0], *got[1])] == [t.shape for t in (want[0], *want[1])]
+    if train:
+        got[0].sum().backward()
+        assert x.grad.shape == x.shape and fast.weight_hh_l1.grad.device.type == "meta"
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("proj_size", [0, 2])
+def test_jit_trace_save_load_round_trip(proj_size):
+    """jit.trace with grad enabled failed its trace check (the output copy depended on grad
+    mode), and jit.save could not export the Python autograd.Function."""
+    ref, fast = pair("vectorized", dtype=torch.float32, num_layers=2, proj_size=proj_size)
+    traced = torch.jit.trace(fast, torch.randn(3, 2, 3))  # grad enabled, the default
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    x = torch.randn(6, 4, 3, requires_grad=True)  # another T and B than traced
+    results = []
+    for model in (loaded, ref):
+        out, (h, c) = model(x)
+        (gx,) = torch.autograd.grad(out.square().sum() + h.sum() + c.sum(), x)
+        results.append((out, h, c, gx))
+    for g, w in zip(*results):
+        torch.testing.assert_close(g, w, **F32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], ref(x)[0], **F32)
+
+
+def test_jit_script_error_points_to_what_works():
+    with pytest.raises(RuntimeError, match=r"torch.compile.*torch.jit.trace.*to_lstm\(\)"):
+        torch.jit.script(FastBiLSTM(3, 4))
+    torch.jit.script(FastBiLSTM(3, 4).to_lstm())  # the way it points to does work
