@@ -220,19 +220,32 @@ class FastBiLSTM(nn.RNNBase):
             if t.dtype != input.dtype:
                 raise RuntimeError(f"Expected {name} to have dtype {input.dtype}, got {t.dtype}")
 
-    def _run_layers(self, x, h0, c0, lengths):
-        """x [T, B, I] time-major; h0/c0 [L*D, B, H] -> out [T, B, D*H], h_n, c_n."""
+    def _run_layers(self, x, h0, c0, lengths, packed=None):
+        """x [T, B, I] time-major; h0/c0 [L*D, B, H] -> out [T, B, D*H], h_n, c_n.
+        packed: the input PackedSequence, if any (dropout then acts on packed data)."""
         D = 2 if self.bidirectional else 1
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            params = [w.to(x.dtype) for w in self._layer_params(layer)]
+            params = [w if w.dtype == x.dtype else w.to(x.dtype) for w in self._layer_params(layer)]
             states = slice(layer * D, (layer + 1) * D)
             x, h, c = lstm_layer_params(x, params, h0[states], c0[states], lengths, self.backend)
             h_n.append(h)
             c_n.append(c)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, training=True)
+                x = self._dropout(x, packed)
         return x, torch.cat(h_n), torch.cat(c_n)
+
+    def _dropout(self, x, packed):
+        """Dropout between layers, drawing the random numbers nn.LSTM draws: on packed input it
+        drops elements of the packed data [sum(lengths), D*H] (same shape, so the same mask
+        under the same seed on the CPU), on padded input elements of [T, B, D*H]."""
+        if packed is None:
+            return F.dropout(x, self.dropout, training=True)
+        in_packed_order = x if packed.sorted_indices is None else x.index_select(1, packed.sorted_indices)
+        data = pack_padded_sequence(in_packed_order, _sorted_lengths(packed)).data
+        data = F.dropout(data, self.dropout, training=True)
+        seq = PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+        return pad_packed_sequence(seq, total_length=x.shape[0])[0]
 
     def forward(self, input, hx=None):
         D = 2 if self.bidirectional else 1
@@ -293,7 +306,7 @@ class FastBiLSTM(nn.RNNBase):
         self._check_devices(x, hx)
         device_type = x.device.type
         if not torch.amp.is_autocast_available(device_type):  # e.g. meta: no autocast to switch off
-            out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths)
+            out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths, input if packed else None)
         else:
             if torch.is_autocast_enabled(device_type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
                 # as nn.LSTM under autocast: run in the autocast dtype (fp32 accumulation and cell
@@ -301,7 +314,7 @@ class FastBiLSTM(nn.RNNBase):
                 dtype = torch.get_autocast_dtype(device_type)
                 x, hx = x.to(dtype), (hx[0].to(dtype), hx[1].to(dtype))
             with torch.autocast(device_type, enabled=False):
-                out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths)
+                out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths, input if packed else None)
 
         if packed:
             sorted_lengths = lengths_cpu[sorted_indices.cpu()] if sorted_indices is not None else lengths_cpu
@@ -319,6 +332,12 @@ class FastBiLSTM(nn.RNNBase):
             out = out.squeeze(batch_dim)
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return out, (h_n, c_n)
+
+
+def _sorted_lengths(packed):
+    """Each sequence's length, longest first (the packed order), from batch_sizes."""
+    sizes = packed.batch_sizes
+    return (torch.arange(sizes[0]).unsqueeze(1) < sizes.unsqueeze(0)).sum(1)
 
 
 def _config(lstm):

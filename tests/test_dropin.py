@@ -391,3 +391,100 @@ def test_jit_script_error_points_to_what_works():
     with pytest.raises(RuntimeError, match=r"torch.compile.*torch.jit.trace.*to_lstm\(\)"):
         torch.jit.script(FastBiLSTM(3, 4))
     torch.jit.script(FastBiLSTM(3, 4).to_lstm())  # the way it points to does work
+
+
+# ---------------------------------------------------------------- fidelity details
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_dropout_draws_the_masks_nn_lstm_draws(backend, packed):
+    """With dropout between layers on packed input, nn.LSTM drops elements of the packed data;
+    FastBiLSTM dropped elements of the padded tensor, so the same seed gave other masks and a
+    training run was not reproducible across the swap. Same seed, same masks, same numbers
+    (fp64, 1e-10), and the RNG left in the same state."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 4, num_layers=3, bidirectional=True, dropout=0.5, dtype=torch.float64)
+    fast = FastBiLSTM.from_lstm(ref, backend=backend, copy=True)
+    x = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([3, 6, 1, 4])
+    results = []
+    for model in (ref, fast):
+        torch.manual_seed(123)
+        inp = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+        out, (h, c) = model(inp)
+        out = out.data if packed else out
+        (gx,) = torch.autograd.grad(out.sum() + h.sum() + c.sum(), x)
+        results.append((out, h, c, gx, torch.get_rng_state()))
+    for got, want in zip(results[1][:4], results[0][:4]):
+        torch.testing.assert_close(got, want, **F64)
+    assert torch.equal(results[1][4], results[0][4])
+
+
+PROJ_CASES = {  # id: (num_layers, bidirectional, bias, batch_first)
+    "bi-2layer": (2, True, True, False),
+    "uni-1layer": (1, False, True, True),
+    "bi-nobias": (1, True, False, False),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", PROJ_CASES)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, F64), (torch.float32, F32)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_proj_size_matches_nn_lstm(backend, case, dtype, tol, packed):
+    """proj_size > 0 raised NotImplementedError. LSTMP: h = (o * tanh(c)) @ W_hr^T, with
+    weight_hr_l{k}[_reverse] as nn.LSTM names it. Outputs, states and every gradient against
+    nn.LSTM from the same weights: fp64 to 1e-10 (both exact up to rounding), fp32 to 1e-5
+    relative (a few ulps of accumulated rounding over T=7 steps)."""
+    num_layers, bidirectional, bias, batch_first = PROJ_CASES[case]
+    torch.manual_seed(0)
+    ref = nn.LSTM(5, 6, num_layers=num_layers, bidirectional=bidirectional, bias=bias, batch_first=batch_first,
+                  proj_size=3, dtype=dtype)
+    fast = FastBiLSTM.from_lstm(ref, backend=backend, copy=True)
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    assert "weight_hr_l0" in fast.state_dict()
+    D = 2 if bidirectional else 1
+    x = torch.randn(3, 7, 5, dtype=dtype) if batch_first else torch.randn(7, 3, 5, dtype=dtype)
+    h0, c0 = torch.randn(num_layers * D, 3, 3, dtype=dtype), torch.randn(num_layers * D, 3, 6, dtype=dtype)
+    lengths = torch.tensor([4, 7, 1])
+    results = []
+    for model in (ref, fast):
+        inputs = [t.clone().requires_grad_() for t in (x, h0, c0)]
+        inp = inputs[0]
+        if packed:
+            inp = nn.utils.rnn.pack_padded_sequence(inp, lengths, batch_first=batch_first, enforce_sorted=False)
+        out, (h, c) = model(inp, (inputs[1], inputs[2]))
+        out = out.data if packed else out
+        assert h.shape == (num_layers * D, 3, 3) and c.shape == (num_layers * D, 3, 6)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)
+        loss = (out * weights).sum() + h.square().sum() + c.sum()
+        grads = torch.autograd.grad(loss, inputs + list(model.parameters()))
+        results.append((out, h, c, *grads))
+    for k, (got, want) in enumerate(zip(*results[::-1])):
+        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"result {k}: {m}")
+
+
+def test_proj_size_gradcheck():
+    from bilstm_fast import lstm_layer
+
+    g = torch.Generator().manual_seed(1)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+
+    T, B, I, H, P, D = 4, 3, 2, 4, 2, 2
+    inputs = [rand(T, B, I), rand(D, 4 * H, I), rand(D, 4 * H, P), rand(D, 4 * H), rand(D, B, P), rand(D, B, H),
+              rand(D, P, H)]
+    lens = torch.tensor([4, 1, 3])
+
+    def op(x, w_ih, w_hh, b, h0, c0, w_hr):
+        return lstm_layer(x, w_ih, w_hh, b, h0, c0, lens, backend="vectorized", w_hr=w_hr)
+
+    assert torch.autograd.gradcheck(op, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
+    from bilstm_fast.kernels.reference import lstm_layer_reference
+
+    got = op(*inputs)
+    want = lstm_layer_reference(*inputs[:6], [4, 1, 3], w_hr=inputs[6])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **F64)
