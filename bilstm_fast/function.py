@@ -145,7 +145,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         D = h0.shape[0]
         w_ih, w_hh, bias, w_hr = split_directions(params, D)
         gx = input_projection(x, w_ih, bias)
-        out, h_n, c_n, gates, cs = ops.recurrence_forward(gx, w_hh, h0, c0, lengths, backend, w_hr)
+        out, h_n, c_n, gates, cs = ops.forward(gx, w_hh, h0, c0, lengths, backend, w_hr)
         return out.view(T, B, out.shape[2] * out.shape[3]), h_n, c_n, gates, cs
 
     @staticmethod
@@ -176,7 +176,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         dout = torch.zeros_like(out) if dout is None else dout.reshape(T, B, D, P)
         dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
         dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
-        dgates, dh0, dc0, dhs = ops.recurrence_backward(
+        dgates, dh0, dc0, dhs = ops.backward(
             dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, ctx.backend, w_hr
         )
         dx = None
@@ -216,6 +216,21 @@ class LSTMLayerFunction(torch.autograd.Function):
                     dw_hr = sum_over_rows(dhs[:, :, d].reshape(T * B, P), r[:, :, d].reshape(T * B, -1))
                 param_grads.append(dw_hr)
         return (dx, dh0, dc0, None, None, *param_grads)
+
+
+class _EagerLSTMLayerFunction(torch.autograd.Function):
+    """LSTMLayerFunction with forward and setup_context in one: what plain eager calls use.
+    Function.apply binds a setup_context-style forward's arguments through inspect.signature
+    on every call, tens of microseconds that a tiny training call notices; transforms and
+    compilers get LSTMLayerFunction itself."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, lengths, backend, *params):
+        output = LSTMLayerFunction.forward(x, h0, c0, lengths, backend, *params)
+        LSTMLayerFunction.setup_context(ctx, (x, h0, c0, lengths, backend, *params), output)
+        return output
+
+    backward = LSTMLayerFunction.backward
 
 
 def _vmapped(t):
@@ -299,12 +314,13 @@ def lstm_layer_params(x, params, h0, c0, lengths=None, backend="auto"):
         out, h_n, c_n, _, _ = lstm_layer_op(x, h0, c0, lengths, backend, list(params))
         return out, h_n, c_n
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *params)):
-        out, h_n, c_n, _, _ = LSTMLayerFunction.apply(x, h0, c0, lengths, backend, *params)
+        function = _EagerLSTMLayerFunction if ops.eager() else LSTMLayerFunction
+        out, h_n, c_n, _, _ = function.apply(x, h0, c0, lengths, backend, *params)
         return out, h_n, c_n
     T, B, _ = x.shape
     w_ih, w_hh, bias, w_hr = split_directions(params, h0.shape[0])
     gx = input_projection(x, w_ih, bias)
-    out, h_n, c_n = ops.recurrence_inference(gx, w_hh, h0, c0, lengths, backend, w_hr)
+    out, h_n, c_n = ops.inference(gx, w_hh, h0, c0, lengths, backend, w_hr)
     return out.view(T, B, out.shape[2] * out.shape[3]), h_n, c_n
 
 

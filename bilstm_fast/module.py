@@ -113,50 +113,76 @@ class FastBiLSTM(nn.RNNBase):
 
     def _layer_params(self, layer):
         """One layer's parameters in nn.LSTM's flat order: per direction w_ih, w_hh[, b_ih, b_hh][, w_hr]."""
-        suffixes = ["", "_reverse"][: 2 if self.bidirectional else 1]
-        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
-        names += ["weight_hr"] if self.proj_size > 0 else []
-        return [getattr(self, f"{name}_l{layer}{suffix}") for suffix in suffixes for name in names]
+        return [self._get(name) for name, _ in self._layout()[layer]]
 
     def _expected_parameter_shapes(self):
         """(name, shape) of every weight and bias, as nn.RNNBase creates them."""
+        for layer in self._layout():
+            yield from layer
+
+    def _layout(self):
+        """Per layer, [(name, expected shape)] in nn.LSTM's flat order; computed once per
+        configuration (this runs on every call, and a tiny call is dominated by such work)."""
+        key = (self.input_size, self.hidden_size, self.num_layers, self.bias, self.bidirectional, self.proj_size)
+        cached = self.__dict__.get("_layout_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         D = 2 if self.bidirectional else 1
         H, G = self.hidden_size, 4 * self.hidden_size
         P = self.proj_size or H  # the width of h
+        layout = []
         for layer in range(self.num_layers):
             layer_input = self.input_size if layer == 0 else D * P
+            names = []
             for suffix in ("", "_reverse")[:D]:
-                yield f"weight_ih_l{layer}{suffix}", (G, layer_input)
-                yield f"weight_hh_l{layer}{suffix}", (G, P)
+                names += [(f"weight_ih_l{layer}{suffix}", (G, layer_input)), (f"weight_hh_l{layer}{suffix}", (G, P))]
                 if self.bias:
-                    yield f"bias_ih_l{layer}{suffix}", (G,)
-                    yield f"bias_hh_l{layer}{suffix}", (G,)
+                    names += [(f"bias_ih_l{layer}{suffix}", (G,)), (f"bias_hh_l{layer}{suffix}", (G,))]
                 if self.proj_size > 0:
-                    yield f"weight_hr_l{layer}{suffix}", (self.proj_size, H)
+                    names.append((f"weight_hr_l{layer}{suffix}", (self.proj_size, H)))
+            layout.append(names)
+        self.__dict__["_layout_cache"] = (key, layout)
+        return layout
+
+    def _get(self, name):
+        params = self._parameters
+        # the dict first: nn.Module.__getattr__ is slow; parametrized or functional_call-swapped
+        # weights are found by getattr
+        w = params.get(name)
+        return w if w is not None else getattr(self, name)
 
     def _check_parameters(self):
-        """A weight replaced after construction must still fit. nn.LSTM does not check: a wrong
-        weight_hh shape runs silently there, and a stray dtype fails deep inside oneDNN."""
-        first = self.weight_ih_l0
-        for name, shape in self._expected_parameter_shapes():
-            w = getattr(self, name)
-            if not isinstance(w, torch.Tensor):
-                raise TypeError(f"FastBiLSTM parameter {name} is {type(w).__name__}, expected a Tensor")
-            if w.shape != shape:
-                raise RuntimeError(
-                    f"FastBiLSTM parameter {name} has shape {tuple(w.shape)}, expected {shape} for "
-                    f"input_size={self.input_size}, hidden_size={self.hidden_size}"
-                )
-            if w.dtype != first.dtype:
-                raise ValueError(
-                    f"FastBiLSTM parameters must share one dtype: {name} is {w.dtype}, weight_ih_l0 "
-                    f"is {first.dtype}; convert with module.to(dtype)"
-                )
-            if w.device != first.device:
-                raise RuntimeError(
-                    f"FastBiLSTM parameters must be on one device: {name} is on {w.device}, "
-                    f"weight_ih_l0 on {first.device}; move them with module.to(device)"
-                )
+        """Every layer's parameters, checked: a weight replaced after construction must still
+        fit. nn.LSTM does not check: a wrong weight_hh shape runs silently there, and a stray
+        dtype fails deep inside oneDNN. One pass over a cached layout, since it runs per call."""
+        layers = []
+        first = None
+        for layout in self._layout():
+            params = []
+            for name, shape in layout:
+                w = self._get(name)
+                if not isinstance(w, torch.Tensor):
+                    raise TypeError(f"FastBiLSTM parameter {name} is {type(w).__name__}, expected a Tensor")
+                if first is None:
+                    first = w
+                if w.shape != shape:
+                    raise RuntimeError(
+                        f"FastBiLSTM parameter {name} has shape {tuple(w.shape)}, expected {shape} for "
+                        f"input_size={self.input_size}, hidden_size={self.hidden_size}"
+                    )
+                if w.dtype != first.dtype:
+                    raise ValueError(
+                        f"FastBiLSTM parameters must share one dtype: {name} is {w.dtype}, weight_ih_l0 "
+                        f"is {first.dtype}; convert with module.to(dtype)"
+                    )
+                if w.device != first.device:
+                    raise RuntimeError(
+                        f"FastBiLSTM parameters must be on one device: {name} is on {w.device}, "
+                        f"weight_ih_l0 on {first.device}; move them with module.to(device)"
+                    )
+                params.append(w)
+            layers.append(params)
+        return layers
 
     @staticmethod
     def _check_hx_pair(hx):
@@ -220,13 +246,17 @@ class FastBiLSTM(nn.RNNBase):
             if t.dtype != input.dtype:
                 raise RuntimeError(f"Expected {name} to have dtype {input.dtype}, got {t.dtype}")
 
-    def _run_layers(self, x, h0, c0, lengths, packed=None):
+    def _run_layers(self, x, h0, c0, lengths, packed=None, layers=None):
         """x [T, B, I] time-major; h0/c0 [L*D, B, H] -> out [T, B, D*H], h_n, c_n.
         packed: the input PackedSequence, if any (dropout then acts on packed data)."""
         D = 2 if self.bidirectional else 1
         h_n, c_n = [], []
+        if layers is None:
+            layers = self._check_parameters()
         for layer in range(self.num_layers):
-            params = [w if w.dtype == x.dtype else w.to(x.dtype) for w in self._layer_params(layer)]
+            params = layers[layer]
+            if params[0].dtype != x.dtype:  # autocast: the weights in the autocast dtype
+                params = [w.to(x.dtype) for w in params]
             states = slice(layer * D, (layer + 1) * D)
             x, h, c = lstm_layer_params(x, params, h0[states], c0[states], lengths, self.backend)
             h_n.append(h)
@@ -258,7 +288,7 @@ class FastBiLSTM(nn.RNNBase):
             raise TypeError(f"LSTM expects a dense (strided) input tensor, got layout {input.layout}")
         if hx is not None:
             self._check_hx_pair(hx)
-        self._check_parameters()
+        layers = self._check_parameters()
         if packed:
             self._check_packed(input)
             batch_sizes = input.batch_sizes
@@ -306,7 +336,7 @@ class FastBiLSTM(nn.RNNBase):
         self._check_devices(x, hx)
         device_type = x.device.type
         if not torch.amp.is_autocast_available(device_type):  # e.g. meta: no autocast to switch off
-            out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths, input if packed else None)
+            out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths, input if packed else None, layers)
         else:
             if torch.is_autocast_enabled(device_type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
                 # as nn.LSTM under autocast: run in the autocast dtype (fp32 accumulation and cell
@@ -314,7 +344,7 @@ class FastBiLSTM(nn.RNNBase):
                 dtype = torch.get_autocast_dtype(device_type)
                 x, hx = x.to(dtype), (hx[0].to(dtype), hx[1].to(dtype))
             with torch.autocast(device_type, enabled=False):
-                out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths, input if packed else None)
+                out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths, input if packed else None, layers)
 
         if packed:
             sorted_lengths = lengths_cpu[sorted_indices.cpu()] if sorted_indices is not None else lengths_cpu

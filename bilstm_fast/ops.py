@@ -82,6 +82,10 @@ def recurrence_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> dgates, dh0, dc0, dh: with a projection, dh [T, B, D, P] is the gradient of each
     step's projected hidden state (for W_hr's gradient); without one an empty tensor."""
+    return _backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, backend, w_hr)
+
+
+def _backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, backend, w_hr):
     rec = _backend(backend, gates.device, w_hr)
     if w_hr is None:
         dgates, dh0, dc0 = rec.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths)
@@ -113,3 +117,32 @@ def _vmap_by_loop(op):
 
 for _op in (recurrence_forward, recurrence_inference, recurrence_backward):
     torch.library.register_vmap(_op, _vmap_by_loop(_op))
+
+
+def eager():
+    """Whether the custom ops can be skipped for a direct call of the backend: plain eager
+    execution, where their dispatch (a few tens of microseconds per call) is pure overhead.
+    torch.compile/export, jit.trace and torch.func transforms need the ops themselves."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._functorch.maybe_current_level() is not None
+    )
+
+
+def forward(gx, w_hh, h0, c0, lengths, backend, w_hr=None):
+    if eager() and gx.device.type != "meta":
+        return _forward(gx, w_hh, h0, c0, lengths, backend, w_hr, save=True)
+    return recurrence_forward(gx, w_hh, h0, c0, lengths, backend, w_hr)
+
+
+def inference(gx, w_hh, h0, c0, lengths, backend, w_hr=None):
+    if eager() and gx.device.type != "meta":
+        return _forward(gx, w_hh, h0, c0, lengths, backend, w_hr, save=False)[:3]
+    return recurrence_inference(gx, w_hh, h0, c0, lengths, backend, w_hr)
+
+
+def backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, backend, w_hr=None):
+    if eager() and gates.device.type != "meta":
+        return _backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, backend, w_hr)
+    return recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, backend, w_hr)

@@ -75,6 +75,32 @@ def lane_view(buf, s):
     return buf.as_strided((2, B, *rest_size), (lane_stride, buf.stride(1), *rest_stride), offset), reverse
 
 
+def lanes(buf):
+    """lane_view(buf, .) with the strides worked out once: a function of s returning the same
+    (view, reversed), in one as_strided call (the loops take several views per step, and at
+    small sizes such Python work is a large share of a call)."""
+    T, B, D = buf.shape[:3]
+    size = (D, B, *buf.shape[3:])
+    time_stride, batch_stride, dir_stride = buf.stride()[:3]
+    rest_stride = buf.stride()[3:]
+    base = buf.storage_offset()
+    as_strided = buf.as_strided
+    if D == 1:
+        strides = (dir_stride, batch_stride, *rest_stride)
+        return lambda s: (as_strided(size, strides, base + s * time_stride), False)
+
+    def view(s):
+        if 2 * s > T - 1:  # lanes in address order: direction 1 (time T-1-s) first
+            t_first, t_second, d_first, d_second = T - 1 - s, s, 1, 0
+        else:
+            t_first, t_second, d_first, d_second = s, T - 1 - s, 0, 1
+        lane_stride = (t_second - t_first) * time_stride + (d_second - d_first) * dir_stride
+        offset = base + t_first * time_stride + d_first * dir_stride
+        return as_strided(size, (lane_stride, batch_stride, *rest_stride), offset), d_first == 1
+
+    return view
+
+
 def both_orders(t):
     """(t, t with its lanes reversed): per-direction tensors in either lane order."""
     return t, t.flip(0)
@@ -116,8 +142,11 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True, w_hr=None):
         zero = torch.zeros((), dtype=gx.dtype, device=gx.device)
     h, c = h0.to(gx.dtype), c0.to(sdtype)
     was_reverse = False
+    gate_lanes, out_lanes = lanes(gates if save else gx), lanes(out)
+    cs_lanes = lanes(cs) if save else None
+    valid_lanes = lanes(valid) if valid is not None else None
     for s in range(T):
-        source, reverse = lane_view(gates if save else gx, s)  # [D, B, 4H]
+        source, reverse = gate_lanes(s)  # [D, B, 4H]
         h, c = in_order(h, reverse, was_reverse), in_order(c, reverse, was_reverse)
         was_reverse = reverse
         if save and not dense:  # the saved gates are formed in place
@@ -136,12 +165,12 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True, w_hr=None):
         torch.mul(f, c, out=c_new)
         c_new.addcmul_(i, g_act)  # in c's (>= fp32) precision
         if valid is not None:
-            m = lane_view(valid, s)[0].unsqueeze(-1)  # [D, B, 1]
+            m = valid_lanes(s)[0].unsqueeze(-1)  # [D, B, 1]
             torch.where(m, c_new, c, out=c_new)  # past its end a sequence carries its state
         if save:
-            lane_view(cs, s)[0].copy_(c_new)
+            cs_lanes(s)[0].copy_(c_new)
         torch.tanh(c_new, out=tanh_c)
-        b_out = lane_view(out, s)[0]
+        b_out = out_lanes(s)[0]
         if w_hr is not None:
             h_new = torch.bmm((o * tanh_c).to(gx.dtype), w_hr_t[reverse])  # [D, B, P]
             if valid is None:
@@ -191,29 +220,32 @@ def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None, w_h
     dh, dc = dh_n.to(acc), dc_n.to(acc)
     c0 = c0.to(acc)
     was_reverse = False
+    gate_lanes, cs_lanes, dout_lanes, dgate_lanes = lanes(gates), lanes(cs), lanes(dout), lanes(dgates)
+    valid_lanes = lanes(valid) if valid is not None else None
+    dh_lanes = lanes(dhs) if w_hr is not None else None
     for s in reversed(range(T)):
-        b_gates, reverse = lane_view(gates, s)
+        b_gates, reverse = gate_lanes(s)
         dh, dc = in_order(dh, reverse, was_reverse), in_order(dc, reverse, was_reverse)
         was_reverse = reverse
         a = b_gates.to(acc)  # [D, B, 4H]
         i, f, g, o = a.chunk(4, dim=-1)
-        c = lane_view(cs, s)[0]
+        c = cs_lanes(s)[0]
         if s > 0:
-            c_prev, prev_reverse = lane_view(cs, s - 1)
+            c_prev, prev_reverse = cs_lanes(s - 1)
             c_prev = in_order(c_prev, reverse, prev_reverse)
         else:
             c_prev = c0  # step 0 is never reversed
-        d_out = lane_view(dout, s)[0]
-        m = None if valid is None else lane_view(valid, s)[0].unsqueeze(-1)  # [D, B, 1]
+        d_out = dout_lanes(s)[0]
+        m = None if valid is None else valid_lanes(s)[0].unsqueeze(-1)  # [D, B, 1]
         dh_t = dh + (d_out if m is None else torch.where(m, d_out, zero))
         if w_hr is not None:
             # the step's projected h: record its gradient (none past the end), and carry on
             # with the gradient of the unprojected o * tanh(c)
-            lane_view(dhs, s)[0].copy_(dh_t if m is None else torch.where(m, dh_t, zero))
+            dh_lanes(s)[0].copy_(dh_t if m is None else torch.where(m, dh_t, zero))
             dh_t = torch.bmm(dh_t, w_r[reverse])  # [D, B, H]
         tanh_c.copy_(c).tanh_()
         dc_t = torch.addcmul(dc, dh_t * o, torch.addcmul(one, tanh_c, tanh_c, value=-1))
-        b_dgates = lane_view(dgates, s)[0] if scratch is None else scratch
+        b_dgates = dgate_lanes(s)[0] if scratch is None else scratch
         d_i, d_f, d_g, d_o = b_dgates.chunk(4, dim=-1)
         torch.mul(dc_t, g, out=d_i)
         torch.mul(dc_t, c_prev, out=d_f)
@@ -231,7 +263,7 @@ def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None, w_h
         if m is not None:
             dh_prev = torch.where(m, dh_prev, dh)
         if scratch is not None:
-            lane_view(dgates, s)[0].copy_(scratch)
+            dgate_lanes(s)[0].copy_(scratch)
         dh, dc = dh_prev, dc_prev
     if was_reverse:
         dh, dc = dh.flip(0), dc.flip(0)
