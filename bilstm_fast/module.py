@@ -14,10 +14,36 @@ from bilstm_fast.kernels import BACKENDS
 
 
 class FastBiLSTM(nn.RNNBase):
-    """Same constructor, parameters and call as nn.LSTM; `bidirectional` defaults to True.
+    """A drop-in for nn.LSTM: same constructor, parameters, state_dict, inputs and outputs.
 
-    backend: 'auto' (Triton on CUDA when available, vectorized otherwise), 'vectorized' or
-    'triton'. It is a plain attribute, so `module.backend = ...` switches it later.
+    Args:
+        input_size: features of each input step.
+        hidden_size: features of the cell state c (and of h when proj_size is 0).
+        num_layers: stacked layers; layer k > 0 reads layer k-1's output. Default 1.
+        bias: whether each direction of each layer has b_ih and b_hh. Default True.
+        batch_first: input and output as [B, T, F] instead of [T, B, F] (h and c stay
+            [L*D, B, H]). Default False.
+        dropout: dropout probability on each layer's output except the last, in training mode,
+            drawing the same masks as nn.LSTM on the CPU (on packed input: on the packed data).
+            Default 0.
+        bidirectional: run a second, time-reversed direction and concatenate the two.
+            Default **True** (nn.LSTM's is False): that is this class's purpose.
+        proj_size: if > 0, an LSTM with projections: h = (o * tanh(c)) @ W_hr^T is proj_size
+            wide, with weights weight_hr_l{k}[_reverse] [proj_size, hidden_size]. Runs on the
+            vectorized backend whatever `backend` says (the Triton kernels have no projection).
+            Default 0.
+        device, dtype: where and in which dtype the parameters are created.
+        backend: 'auto' (Triton for CUDA tensors when triton imports, vectorized otherwise),
+            'vectorized' or 'triton'. A plain attribute: `module.backend = ...` switches it.
+
+    Call: `output, (h_n, c_n) = module(input, (h_0, c_0))` exactly as nn.LSTM: input a tensor
+    ([T, B, I], [B, T, I] with batch_first, or unbatched [T, I]) or a PackedSequence; (h_0, c_0)
+    optional, zeros by default.
+
+    `FastBiLSTM.from_lstm(lstm)` takes over an nn.LSTM's Parameters, `to_lstm()` gives them
+    back to an nn.LSTM; `swap_lstm(model)` / `unswap_lstm(model)` do it throughout a model.
+    It is deliberately not an nn.LSTM subclass (torch.compile refuses to trace nn.LSTM
+    instances), so `isinstance(m, nn.LSTM)` is False for it.
     """
 
     def __init__(

@@ -488,3 +488,18 @@ def test_proj_size_gradcheck():
     want = lstm_layer_reference(*inputs[:6], [4, 1, 3], w_hr=inputs[6])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **F64)
+
+
+def test_torch_export_round_trip(tmp_path):
+    """An exported program holds bilstm_fast:: custom ops: it loads where bilstm_fast is
+    imported (the README says so), and gives the module's numbers."""
+    torch.manual_seed(0)
+    model = FastBiLSTM(3, 4, num_layers=2, backend="vectorized").eval()
+    x = torch.randn(5, 2, 3)
+    program = torch.export.export(model, (x,))
+    graphs = [m.graph for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule)]
+    assert any("bilstm_fast" in str(node.target) for graph in graphs for node in graph.nodes)
+    torch.export.save(program, tmp_path / "lstm.pt2")
+    loaded = torch.export.load(tmp_path / "lstm.pt2").module()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=0, atol=0)
