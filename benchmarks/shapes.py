@@ -37,6 +37,8 @@ SHAPES = {
     "latency-b16": Shape("latency-b16", B=16, T=1024, I=768, H=768),
     "large-batch": Shape("large-batch", B=256, T=100, I=512, H=512),
     "varlen": Shape("varlen", B=32, T=128, I=300, H=512, varlen=True),
+    # a CRF tagger's inner loop: the per-call overhead around a tiny recurrence, not the math
+    "tiny": Shape("tiny", B=1, T=11, I=4, H=4),
 }
 DEFAULT_SHAPES = {"cpu": list(SHAPES), "cuda": list(SHAPES)}
 # A 2-core CPU cannot time every implementation on the long shapes within the run's budget
