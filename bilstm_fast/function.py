@@ -52,6 +52,8 @@ def sum_over_rows(a, b):
     gradient's scale at n = 40000 (tests/test_robustness.py's long sequence), where blocks of 512
     give 1.2e-5 (256: 2e-5, the sum of the blocks then dominates). Speed as one GEMM, within
     timing noise (benchmarks/NOTES.md attempt 13)."""
+    if a.shape[0] <= ROW_BLOCK:  # one block: the same GEMM without slicing (per-call overhead)
+        return torch.mm(a.t(), b)
     out = torch.mm(a[:ROW_BLOCK].t(), b[:ROW_BLOCK])
     for start in range(ROW_BLOCK, a.shape[0], ROW_BLOCK):
         # not out.addmm_(): MKL would accumulate into out as one running sum again

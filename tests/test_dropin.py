@@ -503,3 +503,21 @@ def test_torch_export_round_trip(tmp_path):
     loaded = torch.export.load(tmp_path / "lstm.pt2").module()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- per-call overhead
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 6])
+@pytest.mark.parametrize("D", [1, 2])
+def test_precomputed_lane_views_equal_lane_view(T, D):
+    """The loops take their per-step views from `lanes` (strides worked out once per buffer,
+    for the tiny-call overhead): the very views lane_view describes, element for element."""
+    from bilstm_fast.kernels.vectorized import lane_view, lanes
+
+    buf = torch.arange(T * 3 * D * 4, dtype=torch.float32).view(T, 3, D, 4)[:, :, :, 1:]  # strided rest
+    views = lanes(buf)
+    for s in range(T):
+        (got, got_rev), (want, want_rev) = views(s), lane_view(buf, s)
+        assert got_rev == want_rev and got.shape == want.shape and got.stride() == want.stride()
+        assert got.storage_offset() == want.storage_offset() and torch.equal(got, want)
