@@ -1,7 +1,8 @@
 # Set-up plus each job is one command. `make test` is what CI runs (.ci/run).
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
-RUFF = ruff==0.16.9  # also in the CPU machines' local package index
+# ruff: a version the CPU machines' local package index also holds
+RUFF = ruff==0.16.9
 
 .PHONY: deps setup dev test test-fast lint mnist mnist-compare bench textgen gpu-check
 
