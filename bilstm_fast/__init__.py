@@ -10,15 +10,15 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
     _os.path.join(_checkout, "kernels", "__init__.py")
 ):
     __path__.append(_checkout)
-from bilstm_fast.function import LSTMLayerFunction, lstm_layer
-from bilstm_fast.module import FastBiLSTM, swap_lstm, unswap_lstm
-
 # torch.load's default weights-only unpickler admits only allowlisted classes: with this entry a
 # pickled model holding a FastBiLSTM loads wherever bilstm_fast is imported (the user still
 # allowlists their own classes, as they would for a model holding an nn.LSTM).
 import torch as _torch  # noqa: E402
 
+from bilstm_fast.function import LSTMLayerFunction, lstm_layer  # noqa: E402 (after the path set-up above)
+from bilstm_fast.module import FastBiLSTM, swap_lstm, unswap_lstm  # noqa: E402
+
 _torch.serialization.add_safe_globals([FastBiLSTM])
 
 __all__ = ["FastBiLSTM", "LSTMLayerFunction", "lstm_layer", "swap_lstm", "unswap_lstm"]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version string: setup.py reads it from here

@@ -361,8 +361,9 @@ class FastBiLSTM(nn.RNNBase):
             hx = (h_zeros, c_zeros)
         self._check_devices(x, hx)
         device_type = x.device.type
+        packed_input = input if packed else None
         if not torch.amp.is_autocast_available(device_type):  # e.g. meta: no autocast to switch off
-            out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths, input if packed else None, layers)
+            out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths, packed_input, layers)
         else:
             if torch.is_autocast_enabled(device_type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
                 # as nn.LSTM under autocast: run in the autocast dtype (fp32 accumulation and cell
@@ -370,7 +371,7 @@ class FastBiLSTM(nn.RNNBase):
                 dtype = torch.get_autocast_dtype(device_type)
                 x, hx = x.to(dtype), (hx[0].to(dtype), hx[1].to(dtype))
             with torch.autocast(device_type, enabled=False):
-                out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths, input if packed else None, layers)
+                out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths, packed_input, layers)
 
         if packed:
             sorted_lengths = lengths_cpu[sorted_indices.cpu()] if sorted_indices is not None else lengths_cpu

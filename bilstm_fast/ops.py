@@ -97,7 +97,8 @@ def _backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, backend, w_hr):
 def _(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, backend, w_hr=None):
     acc = state_dtype(gates.dtype)
     dh = gates.new_empty(0) if w_hr is None else dout.new_empty(dout.shape, dtype=gates.dtype)
-    return gates.new_empty(gates.shape), dh_n.new_empty(dh_n.shape, dtype=acc), dc_n.new_empty(dc_n.shape, dtype=acc), dh
+    dh0, dc0 = dh_n.new_empty(dh_n.shape, dtype=acc), dc_n.new_empty(dc_n.shape, dtype=acc)
+    return gates.new_empty(gates.shape), dh0, dc0, dh
 
 
 def _vmap_by_loop(op):

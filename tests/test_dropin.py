@@ -13,16 +13,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend runs interpreted on CPU
 
 from bilstm_fast import FastBiLSTM, swap_lstm  # noqa: E402
+from bilstm_fast.kernels import available_backends, triton_available  # noqa: E402
+from helpers import TOL  # noqa: E402
 
-try:
-    import triton  # noqa: F401
+# every backend: those the `backend` fixture runs on CPU tensors, and the Triton one under
+# TRITON_INTERPRET=1 (the drop-in promise holds whichever backend a user picks)
+BACKENDS = [pytest.param(name, marks=pytest.mark.interpreter) if name == "triton" else name
+            for name in available_backends("cpu") + ["triton"] * triton_available()
+            if name != "triton" or "triton" not in available_backends("cpu")]
 
-    BACKENDS = ["vectorized", "triton"]
-except ImportError:
-    BACKENDS = ["vectorized"]
-
-F32 = dict(rtol=1e-5, atol=1e-6)
-F64 = dict(rtol=1e-10, atol=1e-12)
+F32, F64 = TOL[torch.float32], TOL[torch.float64]
 
 
 # ---------------------------------------------------------------- global state
@@ -158,8 +158,8 @@ def test_swap_keeps_requires_grad():
 
 def test_swap_keeps_weight_norm_parametrization():
     """load_state_dict used to fail on a parametrized LSTM (weight_norm on weight_hh_l0)."""
-    from torch.nn.utils.parametrizations import weight_norm
     from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
 
     torch.manual_seed(0)
     ref = nn.LSTM(3, 5, bidirectional=True, dtype=torch.float64)
@@ -272,7 +272,8 @@ def pair(backend, dtype=torch.float64, seed=0, **config):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("config", [dict(), dict(num_layers=2, bidirectional=False), dict(proj_size=2)], ids=["bi", "uni-2layer", "proj"])
+@pytest.mark.parametrize("config", [dict(), dict(num_layers=2, bidirectional=False), dict(proj_size=2)],
+                         ids=["bi", "uni-2layer", "proj"])
 def test_gradient_penalty_double_backward(backend, config):
     """create_graph=True failed: no autograd formula for bilstm_fast::recurrence_backward. The
     penalty |d out / d x|^2 and its gradient with respect to every parameter, against nn.LSTM
@@ -296,6 +297,7 @@ def test_gradient_penalty_double_backward(backend, config):
             torch.testing.assert_close(g, w, **F64)
 
 
+@pytest.mark.slow
 def test_gradgradcheck_float64():
     from bilstm_fast import lstm_layer
 
@@ -306,7 +308,8 @@ def test_gradgradcheck_float64():
 
     T, B, I, H, D, P = 3, 2, 2, 3, 2, 2
     for w_hr, hidden in ((None, H), (rand(D, P, H), P)):
-        inputs = [rand(T, B, I), rand(D, 4 * H, I), rand(D, 4 * H, hidden), rand(D, 4 * H), rand(D, B, hidden), rand(D, B, H)]
+        inputs = [rand(T, B, I), rand(D, 4 * H, I), rand(D, 4 * H, hidden), rand(D, 4 * H),
+                  rand(D, B, hidden), rand(D, B, H)]
         lens = torch.tensor([3, 2])
         extra = [] if w_hr is None else [w_hr]
 
@@ -334,6 +337,7 @@ def test_torch_func_grad_with_functional_call(backend):
         torch.testing.assert_close(got[name], want[name], **F64, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_func_jacrev_and_vmap(backend):
     from torch.func import functional_call, jacrev, vmap
