@@ -289,6 +289,8 @@ class FastBiLSTM(nn.RNNBase):
             c_n.append(c)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = self._dropout(x, packed)
+        if len(h_n) == 1:  # one layer: its fresh states as they are, no copy
+            return x, h_n[0], c_n[0]
         return x, torch.cat(h_n), torch.cat(c_n)
 
     def _dropout(self, x, packed):
@@ -362,16 +364,16 @@ class FastBiLSTM(nn.RNNBase):
         self._check_devices(x, hx)
         device_type = x.device.type
         packed_input = input if packed else None
-        if not torch.amp.is_autocast_available(device_type):  # e.g. meta: no autocast to switch off
-            out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths, packed_input, layers)
-        else:
-            if torch.is_autocast_enabled(device_type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            if x.dtype in (torch.float32, torch.float16, torch.bfloat16):
                 # as nn.LSTM under autocast: run in the autocast dtype (fp32 accumulation and cell
                 # state inside the op), with autocast off so nothing inside is cast again
                 dtype = torch.get_autocast_dtype(device_type)
                 x, hx = x.to(dtype), (hx[0].to(dtype), hx[1].to(dtype))
             with torch.autocast(device_type, enabled=False):
                 out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths, packed_input, layers)
+        else:  # no autocast context to leave (entering one costs ~20 us, a tiny call notices)
+            out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths, packed_input, layers)
 
         if packed:
             sorted_lengths = lengths_cpu[sorted_indices.cpu()] if sorted_indices is not None else lengths_cpu
