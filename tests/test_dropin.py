@@ -525,3 +525,21 @@ def test_precomputed_lane_views_equal_lane_view(T, D):
         (got, got_rev), (want, want_rev) = views(s), lane_view(buf, s)
         assert got_rev == want_rev and got.shape == want.shape and got.stride() == want.stride()
         assert got.storage_offset() == want.storage_offset() and torch.equal(got, want)
+
+
+@pytest.mark.slow
+def test_proj_size_under_torch_compile_fullgraph():
+    """The projection's optional `w_hr` reaches the custom ops under torch.compile too: no
+    graph break (fullgraph=True), nn.LSTM's numbers (fp32, 1e-5)."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(5, 6, num_layers=2, bidirectional=True, proj_size=3)
+    fast = torch.compile(FastBiLSTM.from_lstm(ref, copy=True), fullgraph=True)
+    x = torch.randn(7, 3, 5)
+    results = []
+    for model in (ref, fast):
+        xi = x.clone().requires_grad_()
+        out, (h, c) = model(xi)
+        (gx,) = torch.autograd.grad(out.sum() + h.square().sum() + c.sum(), xi)
+        results.append((out, h, c, gx))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, **F32)
