@@ -31,22 +31,8 @@ The step body has two ways to get W_hh (constexpr RESIDENT): resident, the slice
 before the time loop and the dot done over all of K at once; or streamed, W and h read in
 BLOCK_K chunks from L2 every step, which bounds registers whatever H is.
 
-Schedule chosen by shape (`plan_schedule`), HP = next_pow2(max(H, 16)) because tl.dot wants
-every dim >= 16 and tl.arange powers of two (batch tiles are padded to >= 16 rows the same way):
-  - HP <= 128: tile, 16 batch rows per program. W_hh is small and a step is little work: one
-    program per batch tile and direction needs no barrier at all. W_hh resident when
-    HP <= 64 (one chunk covers H), streamed in 32-wide chunks for HP = 128.
-  - HP > 128 on a GPU: persistent, batch tiles of up to 32 rows, BLOCK_N the smallest power of
-    two >= 16 such that D * batch_tiles * HP/BLOCK_N <= SM count, if the W slice 4*HP*BLOCK_N
-    fits the on-chip budget (64 KiB for tensor-core dots: fp16/bf16/TF32; 8K elements for IEEE
-    fp32, whose FMA dot replicates K per thread). Otherwise: tile with W streamed when the
-    D * cdiv(B, 16) 16-row tiles alone fill the SMs (no launch per step), else stepwise, whose
-    programs own 32-wide chunks (no barrier, so any grid size works) with the W slice resident
-    when it fits the same budget. The budgets and the 32-row limit on resident programs come
-    from ptxas -v on sm_90 (no spills with 8 warps); the thresholds between schedules are
-    first guesses, to be measured on a GPU (benchmarks/gpu_check.sh times every schedule).
-  - Off-GPU (interpreter) persistent runs only when each group is one program (its barrier
-    then never waits); the planner picks that for HP > 128, and stepwise can be forced.
+The planner (kernels/planner.py, `plan_schedule`) picks the schedule, block sizes and W_hh
+placement from the shape, the dtype and the GPU's SM count; its names stay importable from here.
 
 Reverse time and lengths: at step s row b of the direction that walks time backwards works on
 t = len_b - 1 - s while s < len_b (so it starts at its own last valid step, no flips); for
@@ -78,25 +64,31 @@ What the interpreter cannot show (only a GPU can):
 """
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-SCHEDULES = ("tile", "persistent", "stepwise")
-MIN_DOT = 16  # smallest M, N, K tl.dot accepts
-TILE_MAX_HP = 128  # padded H up to which one program walks all of H (tile schedule)
-TILE_RESIDENT_HP = 64  # ... and keeps all of W_hh on chip
-TILE_STREAM_BLOCK_N = 32  # hidden chunk of a tile program that streams W_hh
-STEPWISE_BLOCK_N = 32  # hidden chunk per program of the one-launch-per-step schedule
-RESIDENT_BLOCK_B = 32  # batch rows of a persistent (or resident stepwise) program
-STREAM_BLOCK_B = 64  # batch rows of a streaming stepwise program
-# On-chip W_hh slice budgets, from ptxas -v on sm_90 (no spills at these sizes with 8 warps):
-# tensor-core dots (fp16, bf16, TF32) hold 64 KiB; IEEE fp32 dots run on the FMA units, which
-# replicate the K extent per thread, so they hold far less.
-RESIDENT_BYTES_MMA = 64 * 1024
-RESIDENT_ELEMS_FMA = 8 * 1024
+from .planner import (  # noqa: F401  (re-exported: callers import the planner's names from here)
+    MIN_DOT,
+    RESIDENT_BLOCK_B,
+    RESIDENT_BYTES_MMA,
+    RESIDENT_ELEMS_FMA,
+    SCHEDULES,
+    STEPWISE_BLOCK_N,
+    STREAM_BLOCK_B,
+    TILE_MAX_HP,
+    TILE_RESIDENT_HP,
+    TILE_STREAM_BLOCK_N,
+    Plan,
+    _pow2_at_least,
+    _slice_fits,
+    _sm_count,
+    dot_precision,
+    plan_schedule,
+    rnn_allows_tf32,
+)
+
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -457,130 +449,6 @@ def _lstm_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Host side: schedule choice and launchers
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How one recurrence call is laid out (see the schedule notes at the top of the file)."""
-
-    schedule: str
-    block_b: int  # batch rows per program (>= 16 for tl.dot)
-    block_n: int  # hidden units per chunk
-    hp: int  # H padded to a power of two >= 16
-    resident: bool  # W_hh slice loaded once before the time loop, else streamed per K chunk
-    block_k: int = 32  # K chunk when streaming
-    num_warps: int = 4
-
-    def grid(self, B, D):
-        chunk_programs = 1 if self.schedule == "tile" else self.hp // self.block_n
-        return (triton.cdiv(B, self.block_b), chunk_programs, D)
-
-    @property
-    def chunks_per_program(self):
-        return self.hp // self.block_n if self.schedule == "tile" else 1
-
-
-def _pow2_at_least(n, floor=MIN_DOT):
-    return max(floor, triton.next_power_of_2(n))
-
-
-def _sm_count(device):
-    if device.type != "cuda":
-        return 0
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _slice_fits(hp, block_n, dtype, precision):
-    elems = 4 * hp * block_n
-    if dtype == torch.float64 or (dtype == torch.float32 and precision == "ieee"):
-        return elems <= RESIDENT_ELEMS_FMA
-    return elems * torch.finfo(dtype).bits // 8 <= RESIDENT_BYTES_MMA
-
-
-def plan_schedule(B, D, H, dtype, device, schedule=None, block_n=None, resident=None):
-    """The Plan for a [*, B, D, 4H] recurrence. `schedule`, `block_n` and `resident` force a
-    choice (tests, benchmarks); the defaults follow the rules at the top of the file."""
-    if schedule is not None and schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    hp = _pow2_at_least(H)
-    if block_n is not None and (block_n < MIN_DOT or block_n & (block_n - 1) or block_n > hp):
-        raise ValueError(f"block_n must be a power of two in [{MIN_DOT}, {hp}], got {block_n}")
-    on_gpu = device.type == "cuda" and not INTERPRET
-    forced = schedule is not None
-    precision = dot_precision(dtype, device)
-    block_k = min(hp, 32)
-    if schedule is None:
-        schedule = "tile" if hp <= TILE_MAX_HP else "persistent"
-
-    if schedule == "tile":
-        if block_n is None:
-            block_n = hp if hp <= TILE_RESIDENT_HP else TILE_STREAM_BLOCK_N
-        if resident is None:
-            resident = block_n == hp and hp <= TILE_RESIDENT_HP
-        if resident and block_n != hp:
-            raise ValueError("a resident tile program holds all of W_hh: block_n must equal the padded H")
-        return Plan("tile", MIN_DOT, block_n, hp, resident, block_k, num_warps=4 if hp <= 32 else 8)
-
-    # batch rows per program: the [BLOCK_B, *] operand and gate tiles, with a resident W slice
-    # beside them, spill beyond 32 rows (ptxas, sm_90); streaming programs can take 64
-    block_b = min(_pow2_at_least(B), RESIDENT_BLOCK_B)
-    n_bt = triton.cdiv(B, block_b)
-    if schedule == "persistent":
-        explicit_block_n = block_n is not None
-        if block_n is None:
-            if on_gpu:
-                # the smallest chunks whose grid still fits the SMs: the least W_hh per program
-                block_n = MIN_DOT
-                while block_n < hp and D * n_bt * (hp // block_n) > _sm_count(device):
-                    block_n *= 2
-            else:
-                block_n = hp
-        n_members = hp // block_n
-        grid_fits = D * n_bt * n_members <= _sm_count(device)
-        slice_fits = _slice_fits(hp, block_n, dtype, precision)
-        if on_gpu and not (grid_fits and slice_fits):
-            if forced:
-                raise ValueError(f"persistent grid {D}x{n_bt}x{n_members} or its W_hh slice does not fit this GPU")
-            if D * triton.cdiv(B, MIN_DOT) >= _sm_count(device):
-                # enough batch tiles to fill the GPU on their own: no launch per step needed
-                return Plan("tile", MIN_DOT, TILE_STREAM_BLOCK_N, hp, False, block_k, num_warps=8)
-            schedule = "stepwise"
-            if not explicit_block_n:
-                block_n = None  # stepwise needs no co-residency: keep its chunks narrow
-        elif not on_gpu and n_members > 1:
-            # programs run one after another here: a multi-program barrier would never open
-            raise ValueError("off-GPU the persistent schedule needs one program per group; use stepwise")
-    if schedule == "persistent":
-        if resident is False:
-            raise ValueError("the persistent schedule always keeps its W_hh slice resident")
-        return Plan("persistent", block_b, block_n, hp, True, block_k, num_warps=8)
-    # stepwise: one launch per step, any number of programs
-    if block_n is None:
-        block_n = min(hp, STEPWISE_BLOCK_N)
-    if resident is None:
-        resident = _slice_fits(hp, block_n, dtype, precision)
-    if not resident:
-        block_b = min(_pow2_at_least(B), STREAM_BLOCK_B)
-    return Plan("stepwise", block_b, block_n, hp, resident, block_k, num_warps=8)
-
-
-def dot_precision(dtype, device):
-    """Input precision of the fp32 recurrent dot: follows cuDNN's RNN TF32 switch on CUDA."""
-    if dtype != torch.float32 or device.type != "cuda":
-        return "ieee"
-    return "tf32" if rnn_allows_tf32() else "ieee"
-
-
-def rnn_allows_tf32():
-    """Whether nn.LSTM's cuDNN path may use TF32 right now (new fp32_precision API first)."""
-    cudnn = torch.backends.cudnn
-    rnn = getattr(getattr(cudnn, "rnn", None), "fp32_precision", None)
-    if rnn is None:  # torch without the fp32_precision settings
-        return bool(cudnn.allow_tf32)
-    for precision in (rnn, getattr(cudnn, "fp32_precision", "none"), getattr(torch.backends, "fp32_precision", "none")):
-        if precision != "none":
-            return precision == "tf32"
-    return False
 
 
 def _check_device(t):

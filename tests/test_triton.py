@@ -284,13 +284,11 @@ def gpu_plan_id(args):
 
 
 @pytest.mark.parametrize("args, expected", [pytest.param(a, e, id=gpu_plan_id(a)) for a, e in GPU_PLANS])
-def test_plan_on_a_132_sm_gpu(monkeypatch, args, expected):
-    """The planner's GPU branch is plain Python: check its choices with the SM count patched in."""
+def test_plan_on_a_132_sm_gpu(args, expected):
+    """The planner's GPU branch is plain Python: check its choices for a 132-SM GPU."""
     B, H, dtype, tf32 = args
-    monkeypatch.setattr(tr, "INTERPRET", False)
-    monkeypatch.setattr(tr, "_sm_count", lambda device: 132)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
-        plan = tr.plan_schedule(B, 2, H, dtype, torch.device("cuda"))
+        plan = tr.plan_schedule(B, 2, H, dtype, torch.device("cuda"), sm_count=132)
     assert (plan.schedule, plan.block_b, plan.block_n, plan.resident) == expected
     if plan.schedule == "persistent":
         assert math.prod(plan.grid(B, 2)) <= 132
