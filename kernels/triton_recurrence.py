@@ -154,6 +154,28 @@ def _load_w_slice(p_w, o_k, o_n, H: tl.constexpr, BACKWARD: tl.constexpr):
 
 
 @triton.jit
+def _load_w_gates(p_w, o_k, o_n, H: tl.constexpr):
+    """The forward's W_hh^T slice for all four gates as one [K, 4*BN] block, columns interleaved
+    (column 4n + k holds gate k of hidden unit o_n[n]): one dot gives every gate, so the MMA
+    tile is 4x wider and the warps of a program each get distinct work (see _split_gates)."""
+    o_g = tl.arange(0, 4)
+    m_w = (o_k[:, None, None] < H) & (o_n[None, :, None] < H) & (o_g[None, None, :] < 4)
+    o_w = (o_g[None, None, :] * H + o_n[None, :, None]) * H + o_k[:, None, None]  # [K, BN, 4]
+    b_w = tl.load(p_w + o_w, mask=m_w, other=0.0)
+    return tl.reshape(b_w, [o_k.shape[0], 4 * o_n.shape[0]])
+
+
+@triton.jit
+def _split_gates(b_r, BLOCK_N: tl.constexpr):
+    """[BB, 4*BN] with interleaved columns (4n + k) -> the four [BB, BN] gate blocks i, f, g, o."""
+    b_r = tl.reshape(b_r, [b_r.shape[0], BLOCK_N, 2, 2])  # [BB, BN, k // 2, k % 2]
+    b_even, b_odd = tl.split(b_r)  # gates (i, g) and (f, o)
+    b_ri, b_rg = tl.split(b_even)
+    b_rf, b_ro = tl.split(b_odd)
+    return b_ri, b_rf, b_rg, b_ro
+
+
+@triton.jit
 def _group_barrier(p_count, target):
     """Wait until the group's counter reaches `target`; every program of the group adds 1 per step.
 
@@ -195,42 +217,33 @@ def _end_of_step(s, s_begin, s_end, p_sync, SYNC: tl.constexpr):
 
 @triton.jit
 def _fwd_recurrent(
-    s, i_d, B, o_b, m_b, o_n, p_hbuf, p_w_d, b_wi, b_wf, b_wg, b_wo,
+    s, i_d, B, o_b, m_b, o_n, p_hbuf, p_w_d, b_w,
     H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
     RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    """[BB, BN] x 4: h_{t-1} @ W_k^T for one chunk. h comes from the ping-pong half s % 2."""
+    """[BB, BN] x 4: h_{t-1} @ W_k^T for one chunk, as one [BB, 4*BN] dot split into the gates.
+    h comes from the ping-pong half s % 2; b_w is the resident [HP, 4*BN] slice (_load_w_gates)."""
     o_hrow = ((s % 2) * D + i_d) * B + o_b  # [BB] rows of the [2*D*B, H] buffer
     if RESIDENT:
         o_k = tl.arange(0, HP)
         m_h = m_b[:, None] & (o_k[None, :] < H)
         b_h = tl.load(p_hbuf + o_hrow[:, None] * H + o_k[None, :], mask=m_h, other=0.0, cache_modifier=".cg")
-        b_ri = tl.dot(b_h, b_wi, input_precision=DOT_PRECISION)
-        b_rf = tl.dot(b_h, b_wf, input_precision=DOT_PRECISION)
-        b_rg = tl.dot(b_h, b_wg, input_precision=DOT_PRECISION)
-        b_ro = tl.dot(b_h, b_wo, input_precision=DOT_PRECISION)
+        b_r = tl.dot(b_h, b_w, input_precision=DOT_PRECISION)
     else:
         # W streamed from L2 in K chunks: bounded registers whatever H is
-        b_ri = tl.full([o_b.shape[0], o_n.shape[0]], 0.0, ACC)
-        b_rf = tl.full([o_b.shape[0], o_n.shape[0]], 0.0, ACC)
-        b_rg = tl.full([o_b.shape[0], o_n.shape[0]], 0.0, ACC)
-        b_ro = tl.full([o_b.shape[0], o_n.shape[0]], 0.0, ACC)
+        b_r = tl.full([o_b.shape[0], 4 * o_n.shape[0]], 0.0, ACC)
         for k0 in range(0, HP, BLOCK_K):
             o_k = k0 + tl.arange(0, BLOCK_K)
             m_h = m_b[:, None] & (o_k[None, :] < H)
             b_h = tl.load(p_hbuf + o_hrow[:, None] * H + o_k[None, :], mask=m_h, other=0.0, cache_modifier=".cg")
-            b_ki, b_kf, b_kg, b_ko = _load_w_slice(p_w_d, o_k, o_n, H, False)
-            b_ri = tl.dot(b_h, b_ki, b_ri, input_precision=DOT_PRECISION)
-            b_rf = tl.dot(b_h, b_kf, b_rf, input_precision=DOT_PRECISION)
-            b_rg = tl.dot(b_h, b_kg, b_rg, input_precision=DOT_PRECISION)
-            b_ro = tl.dot(b_h, b_ko, b_ro, input_precision=DOT_PRECISION)
-    return b_ri, b_rf, b_rg, b_ro
+            b_r = tl.dot(b_h, _load_w_gates(p_w_d, o_k, o_n, H), b_r, input_precision=DOT_PRECISION)
+    return _split_gates(b_r, o_n.shape[0])
 
 
 @triton.jit
 def _fwd_step(
     s, T, B, i_d, o_b, m_b, b_len, o_n,
-    p_w_d, b_wi, b_wf, b_wg, b_wo,
+    p_w_d, b_w,
     p_gx, p_hbuf, p_c, p_c0, p_out, p_gates, p_cs, p_hn,
     H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
     RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, SAVE: tl.constexpr,
@@ -245,7 +258,7 @@ def _fwd_step(
     b_t = tl.where(b_valid & (i_d == 1), b_len - 1 - s, s).to(tl.int64)
     o_row = (b_t * B + o_b) * D + i_d  # [BB] rows of the [T*B*D, *] views
     b_ri, b_rf, b_rg, b_ro = _fwd_recurrent(
-        s, i_d, B, o_b, m_b, o_n, p_hbuf, p_w_d, b_wi, b_wf, b_wg, b_wo,
+        s, i_d, B, o_b, m_b, o_n, p_hbuf, p_w_d, b_w,
         H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION, ACC,
     )
     p_gx_row = p_gx + o_row[:, None] * (4 * H) + o_n[None, :]
@@ -299,15 +312,15 @@ def _lstm_fwd_kernel(
     if RESIDENT:
         # one chunk per program: its W_hh slice stays on chip for the whole time loop
         tl.static_assert(N_CHUNKS == 1)
-        b_wi, b_wf, b_wg, b_wo = _load_w_slice(p_w_d, tl.arange(0, HP), i_n * BLOCK_N + tl.arange(0, BLOCK_N), H, False)
+        b_w = _load_w_gates(p_w_d, tl.arange(0, HP), i_n * BLOCK_N + tl.arange(0, BLOCK_N), H)
     else:
-        b_wi, b_wf, b_wg, b_wo = None, None, None, None
+        b_w = None
     for s in range(s_begin, s_end):
         for j in range(N_CHUNKS):
             o_n = (i_n * N_CHUNKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
             _fwd_step(
                 s, T, B, i_d, o_b, m_b, b_len, o_n,
-                p_w_d, b_wi, b_wf, b_wg, b_wo,
+                p_w_d, b_w,
                 p_gx, p_hbuf, p_c, p_c0, p_out, p_gates, p_cs, p_hn,
                 H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION, ACC, SAVE,
             )
