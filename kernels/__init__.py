@@ -16,6 +16,18 @@ def triton_available():
     return True
 
 
+def available_backends(device):
+    """The concrete backends that run on `device` (a torch.device or a string), in the order
+    'auto' prefers them. The tests' `backend` fixture and the benchmark's implementation list
+    both come from here: a new backend is tested and benchmarked once it is listed here."""
+    device_type = getattr(device, "type", str(device).split(":")[0])
+    names = []
+    if device_type == "cuda" and triton_available():
+        names.append("triton")
+    names.append("vectorized")
+    return names
+
+
 def resolve_backend(name, device):
     """Name of the backend that runs on `device`: 'auto' prefers Triton on CUDA."""
     if name not in BACKENDS:
