@@ -95,7 +95,8 @@ def compile_kernel(kind, plan, dtype_name, precision, cap):
         meta["SAVE"] = kind == "fwd"
     sig.update({k: "constexpr" for k in meta})
     src = ASTSource(fn=kernel, signature=sig, constexprs=meta)
-    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options=dict(num_warps=plan.num_warps))
+    num_warps = plan.bwd_num_warps if kind == "bwd" else plan.num_warps
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options=dict(num_warps=num_warps))
 
 
 def ptxas_usage(ptx, cap):
@@ -136,7 +137,8 @@ def measure(job):
     compiled = compile_kernel(kind, plan, dtype_name, precision, cap)
     usage = ptxas_usage(compiled.asm["ptx"], cap)
     usage["shared"] = compiled.metadata.shared
-    usage["ctas_per_sm"] = ctas_per_sm(usage["regs"], usage["shared"], plan.num_warps, cap)
+    usage["num_warps"] = plan.bwd_num_warps if kind == "bwd" else plan.num_warps
+    usage["ctas_per_sm"] = ctas_per_sm(usage["regs"], usage["shared"], usage["num_warps"], cap)
     usage["compile_s"] = round(time.time() - start, 1)
     return usage
 
@@ -160,7 +162,7 @@ def run_matrix(caps, Hs, Bs, dtype_names, jobs=2, log=print, shapes=None):
             results[job] = usage
             kind, p, d, pr, c = job
             log(f"sm_{c} {d:9} {p.schedule:10} hp={p.hp:<5} bb={p.block_b:<3} bn={p.block_n:<4} "
-                f"res={int(p.resident)} w={p.num_warps} {kind:9}: regs {usage['regs']:3} spill "
+                f"res={int(p.resident)} w={usage['num_warps']} {kind:9}: regs {usage['regs']:3} spill "
                 f"{usage['spill_stores']}/{usage['spill_loads']} B, shared {usage['shared']:6} B, "
                 f"{usage['ctas_per_sm']} CTA/SM ({usage['compile_s']} s)")
     rows = []
@@ -173,7 +175,7 @@ def run_matrix(caps, Hs, Bs, dtype_names, jobs=2, log=print, shapes=None):
             rows.append(dict(
                 target=f"sm_{cap}", sms=TARGETS[cap]["sms"], H=H, B=B, dtype=dtype_name, precision=precision,
                 schedule=plan.schedule, block_b=plan.block_b, block_n=plan.block_n, hp=plan.hp,
-                resident=plan.resident, num_warps=plan.num_warps, kernel=kind, programs=programs,
+                resident=plan.resident, num_warps=u["num_warps"], kernel=kind, programs=programs,
                 **{k: u[k] for k in ("regs", "spill_stores", "spill_loads", "stack", "shared", "ctas_per_sm")},
                 co_resident=(programs <= resident_capacity) if plan.schedule == "persistent" else "",
                 launchable=u["ctas_per_sm"] >= 1,

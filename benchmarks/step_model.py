@@ -164,7 +164,7 @@ def predict(T, B, H, dtype_name, kind):
     grid = plan.grid(B, 2)
     programs = grid[0] * grid[1] * grid[2]
     per_sm = -(-programs // SMS)  # CTAs on the busiest SM
-    warps = plan.num_warps * per_sm
+    warps = (plan.bwd_num_warps if kind == "bwd" else plan.num_warps) * per_sm
     mma_clk = sum(n * warps * MACS[k[4:]] / MAC_PER_CLK[k[4:]] for k, n in c.items() if k.startswith("mma:") and k[4:] in MACS)
     fp32_clk = c.get("fp32", 0) * warps * 32 / FP32_LANES
     mufu_clk = c.get("mufu", 0) * warps * 32 / MUFU_LANES

@@ -18,7 +18,7 @@ how they meet between steps:
               `tl.debug_barrier()` (bar.sync: the CTA's stores are visible to the whole CTA)
               between steps. No cross-program barrier, so it runs under TRITON_INTERPRET=1.
   persistent  (b) grid (batch tiles, chunks, D), all programs resident: each keeps its W_hh
-              slice (4 x [HP, BLOCK_N]) on chip across the whole time loop; the programs of one
+              slice (the four gates' [HP, BLOCK_N]) on chip across the whole time loop; the programs of one
               (batch tile, direction) group meet at a barrier on an atomic counter (release
               add, acquire spin) after each step. The grid is sized to the SM count and launched
               cooperatively where Triton offers it, so all programs are co-resident.
@@ -29,7 +29,9 @@ how they meet between steps:
 
 The step body has two ways to get W_hh (constexpr RESIDENT): resident, the slice loaded once
 before the time loop and the dot done over all of K at once; or streamed, W and h read in
-BLOCK_K chunks from L2 every step, which bounds registers whatever H is.
+BLOCK_K chunks from L2 every step, which bounds registers whatever H is. The forward does the
+four gates as one [BB, K] x [K, 4*BN] dot (W's columns interleaved per gate, the result split
+in registers), so its MMA tile is wide enough for every warp to do distinct work.
 
 The planner (kernels/planner.py, `plan_schedule`) picks the schedule, block sizes and W_hh
 placement from the shape, the dtype and the GPU's SM count; its names stay importable from here.
@@ -50,15 +52,20 @@ input dtype like the vectorized path does. fp32 dots are TF32 when cuDNN's RNN m
 otherwise. No atomics touch results: every element is written by exactly one program, in a
 fixed order, so results are bitwise reproducible. Offsets that scale with T*B go through int64.
 
-What the interpreter cannot show (only a GPU can):
-  - the persistent barrier with more than one program per group: memory ordering of the h
-    exchange (release/acquire on the counter plus .cg loads that bypass L1), residency of the
-    whole grid (cooperative launch refuses a grid that cannot be resident instead of hanging);
+What runs without a GPU: the plain interpreter runs every schedule with one program at a time;
+tests/test_triton_concurrent.py runs the persistent schedule with 2-8 programs per group, each
+program in its own thread (so the barrier opens), with stores held back until the next release
+atomic and programs skewed in time, and shows that planted barrier bugs fail it;
+benchmarks/compile_matrix.py compiles every plan for sm_80/sm_90 (registers, spills, shared
+memory, occupancy). What still only a GPU can show:
+  - the hardware memory model of the h exchange (the simulation is sequentially consistent
+    apart from the delayed stores: .cg loads, L1, the acquire side are not modelled), and
+    residency of the whole grid (cooperative launch refuses a grid that cannot be resident
+    instead of hanging);
   - races inside a CTA: the interpreter runs a program as one thread, so a missing
     `tl.debug_barrier()` between steps would go unnoticed there;
-  - register pressure and spills on hardware (ptxas was run offline for sm_80/sm_90 only), TF32
-    rounding (the interpreter's dot is plain fp32), bf16 (numpy has none), and of course speed
-    and the schedule thresholds above;
+  - TF32 rounding (the interpreter's dot is plain fp32), bf16 (numpy has none), and of course
+    speed and the schedule thresholds (benchmarks/step_model.py predicts the per-step time);
   - CUDA graph capture of the persistent schedule's cooperative launch, triton 3.6 (checked
     here with 3.8 only), and the launch overhead of stepwise's one launch per step.
 """
@@ -496,6 +503,7 @@ def forced_plan(schedule=None, block_n=None, resident=None):
 
 def _run(kernel, plan, T, B, D, n_steps, args, meta):
     """Launch `kernel` over steps 0..n_steps-1 with the plan's schedule."""
+    num_warps = plan.bwd_num_warps if kernel is _lstm_bwd_kernel else plan.num_warps
     grid = plan.grid(B, D)
     meta = dict(
         meta,
@@ -505,7 +513,7 @@ def _run(kernel, plan, T, B, D, n_steps, args, meta):
         BLOCK_K=plan.block_k,
         N_CHUNKS=plan.chunks_per_program,
         RESIDENT=plan.resident,
-        num_warps=plan.num_warps,
+        num_warps=num_warps,
     )
     device = args[0].device
     if plan.schedule == "persistent":
