@@ -180,11 +180,25 @@ def plan_schedule(B, D, H, dtype, device, schedule=None, block_n=None, resident=
     return Plan("stepwise", block_b, block_n, hp, resident, block_k, num_warps=4 if block_b == MIN_DOT else 8)
 
 
+def strict_fp32_dot():
+    """The fp32 dot used when TF32 is off: "ieee" (FMA units, the default) or "tf32x3" (three
+    TF32 tensor-core products per term, a_hi*b_hi + a_hi*b_lo + a_lo*b_hi), chosen with the
+    environment variable BILSTM_FAST_STRICT_FP32_DOT. Emulated on the CPU, tf32x3 is as accurate
+    as IEEE at the parity shapes (benchmarks/NOTES.md, T5), but with the tensor-core budgets
+    below its plans spill (the hi/lo operand split triples what each thread holds): opt-in,
+    for measuring on a GPU, until it has budgets of its own."""
+    choice = os.environ.get("BILSTM_FAST_STRICT_FP32_DOT", "ieee")
+    if choice not in ("ieee", "tf32x3"):
+        raise ValueError(f"BILSTM_FAST_STRICT_FP32_DOT must be ieee or tf32x3, got {choice!r}")
+    return choice
+
+
 def dot_precision(dtype, device):
-    """Input precision of the fp32 recurrent dot: follows cuDNN's RNN TF32 switch on CUDA."""
+    """Input precision of the fp32 recurrent dot: follows cuDNN's RNN TF32 switch on CUDA
+    (TF32 when on, strict_fp32_dot() when off)."""
     if dtype != torch.float32 or device.type != "cuda":
         return "ieee"
-    return "tf32" if rnn_allows_tf32() else "ieee"
+    return "tf32" if rnn_allows_tf32() else strict_fp32_dot()
 
 
 def rnn_allows_tf32():
