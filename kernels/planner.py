@@ -39,7 +39,8 @@ STEPWISE_BLOCK_N_FMA = 16  # ... with FMA dots, whose fused 4*BLOCK_N-wide dot s
 STREAM_BLOCK_K = 16  # K chunk of a program that streams W_hh (32 spilled: compile matrix, T3)
 RESIDENT_BLOCK_B = 32  # batch rows of a persistent (or resident stepwise) program
 STREAM_BLOCK_B = 32  # batch rows of a streaming stepwise program (64 spilled: compile matrix, T3)
-# On-chip W_hh slice budgets, from ptxas -v on sm_90 (no spills at these sizes with 8 warps):
+# On-chip W_hh slice budgets (every plan they admit compiles without spills for sm_80/sm_90:
+# benchmarks/compile_matrix.py):
 # tensor-core dots (fp16, bf16, TF32) hold 64 KiB; IEEE fp32 dots run on the FMA units, which
 # replicate the K extent per thread, so they hold far less.
 RESIDENT_BYTES_MMA = 64 * 1024
