@@ -93,7 +93,8 @@ def compile_kernel(kind, plan, dtype_name, precision, cap):
 
     ptr = DTYPES[dtype_name][2]
     kernel, names = (tr._lstm_bwd_kernel, BWD) if kind == "bwd" else (tr._lstm_fwd_kernel, FWD)
-    sig = {n: "*i64" if n == "p_len" else "*i32" if n == "p_sync" else "*fp32" if n in STATE else "*" + ptr for n in names}
+    sig = {n: "*i64" if n == "p_len" else "*i32" if n == "p_sync" else "*fp32" if n in STATE else "*" + ptr
+           for n in names}
     sig.update(T="i32", B="i32", s_begin="i32", s_end="i32")
     meta = dict(
         H=plan.hp - 3, HP=plan.hp, D=D, BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
@@ -135,7 +136,10 @@ def ctas_per_sm(regs, shared, num_warps, cap):
     threads = 32 * num_warps
     regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
     by_regs = t["regs"] // (regs_per_warp * num_warps)
-    by_smem = t["ctas"] if shared == 0 else (t["smem_sm"] // (shared + RESERVED_SMEM) if shared <= t["smem_block"] else 0)
+    if shared == 0:
+        by_smem = t["ctas"]
+    else:
+        by_smem = t["smem_sm"] // (shared + RESERVED_SMEM) if shared <= t["smem_block"] else 0
     return min(by_regs, by_smem, t["threads"] // threads, t["ctas"])
 
 
@@ -193,8 +197,11 @@ def run_matrix(caps, Hs, Bs, dtype_names, jobs=2, log=print, shapes=None):
 
 
 def summarize(rows, plans, results):
-    spilling = {k for k in plans if any(results[(kind, k[1], k[2], k[3], k[0])]["spill_stores"]
-                                         + results[(kind, k[1], k[2], k[3], k[0])]["spill_loads"] > 0 for kind in KERNELS)}
+    def spills(cap, plan, dtype_name, precision):
+        return any(results[(kind, plan, dtype_name, precision, cap)]["spill_stores"]
+                   + results[(kind, plan, dtype_name, precision, cap)]["spill_loads"] > 0 for kind in KERNELS)
+
+    spilling = {k for k in plans if spills(*k)}
     bad = {(r["target"], r["schedule"], r["block_b"], r["block_n"], r["hp"], r["resident"], r["dtype"])
            for r in rows if r["co_resident"] is False or not r["launchable"]}
     # bad is keyed like a plan: count distinct plans

@@ -69,7 +69,8 @@ def sass_of(compiled):
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
     try:
-        return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        cmd = [knobs.nvidia.cuobjdump.path, "-sass", f.name]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(f.name)
 
@@ -165,7 +166,8 @@ def predict(T, B, H, dtype_name, kind):
     programs = grid[0] * grid[1] * grid[2]
     per_sm = -(-programs // SMS)  # CTAs on the busiest SM
     warps = (plan.bwd_num_warps if kind == "bwd" else plan.num_warps) * per_sm
-    mma_clk = sum(n * warps * MACS[k[4:]] / MAC_PER_CLK[k[4:]] for k, n in c.items() if k.startswith("mma:") and k[4:] in MACS)
+    mma = {k[4:]: n for k, n in c.items() if k.startswith("mma:") and k[4:] in MACS}
+    mma_clk = sum(n * warps * MACS[k] / MAC_PER_CLK[k] for k, n in mma.items())
     fp32_clk = c.get("fp32", 0) * warps * 32 / FP32_LANES
     mufu_clk = c.get("mufu", 0) * warps * 32 / MUFU_LANES
     smem_clk = c.get("smem", 0) * warps / SMEM_BPC
@@ -181,7 +183,8 @@ def predict(T, B, H, dtype_name, kind):
         programs=programs, ctas_per_sm=per_sm,
         mma_per_sm=sum(n * warps for k, n in c.items() if k.startswith("mma:")), mma_macs_per_sm=macs,
         fp32_per_sm=c.get("fp32", 0) * warps, mufu_per_sm=c.get("mufu", 0) * warps,
-        smem_kib_per_sm=round(c.get("smem", 0) * warps / 1024, 1), gmem_kib_per_sm=round(c.get("gmem", 0) * warps / 1024, 1),
+        smem_kib_per_sm=round(c.get("smem", 0) * warps / 1024, 1),
+        gmem_kib_per_sm=round(c.get("gmem", 0) * warps / 1024, 1),
         cta_barriers=c.get("bar", 0), grid_barriers=c["grid_barriers"],
         mma_us=round(mma_clk / (CLOCK_GHZ * 1e3), 2), smem_us=round(smem_clk / (CLOCK_GHZ * 1e3), 2),
         alu_us=round(max(fp32_clk, mufu_clk) / (CLOCK_GHZ * 1e3), 2), latency_us=round(latency_us, 2),

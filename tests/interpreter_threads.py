@@ -134,10 +134,12 @@ class _ThreadedBuilder(_interp.InterpreterBuilder):
         return result
 
     def create_atomic_rmw(self, rmwOp, ptr, val, mask, sem, scope):
-        return self._atomic(sem, lambda: super(_ThreadedBuilder, self).create_atomic_rmw(rmwOp, ptr, val, mask, sem, scope))
+        plain = super().create_atomic_rmw
+        return self._atomic(sem, lambda: plain(rmwOp, ptr, val, mask, sem, scope))
 
     def create_atomic_cas(self, ptr, cmp, val, sem, scope):
-        return self._atomic(sem, lambda: super(_ThreadedBuilder, self).create_atomic_cas(ptr, cmp, val, sem, scope))
+        plain = super().create_atomic_cas
+        return self._atomic(sem, lambda: plain(ptr, cmp, val, sem, scope))
 
 
 def _run_programs(fn, jobs, launch):

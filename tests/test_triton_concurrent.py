@@ -34,16 +34,16 @@ import pytest
 import torch
 
 if torch.cuda.is_available():
-    pytest.skip("concurrent-interpreter tests: CPU only (a GPU runs the persistent schedule for real)", allow_module_level=True)
+    pytest.skip("concurrent-interpreter tests: CPU only (a GPU runs the persistent schedule for real)",
+                allow_module_level=True)
 os.environ.setdefault("TRITON_INTERPRET", "1")
 if os.environ["TRITON_INTERPRET"] != "1":
     pytest.skip("TRITON_INTERPRET is set to something other than 1", allow_module_level=True)
 pytest.importorskip("triton")
 
-from interpreter_threads import LaunchTimeout, concurrent_programs  # noqa: E402
-
 from bilstm_fast.kernels import triton_recurrence as tr  # noqa: E402
 from bilstm_fast.kernels import vectorized  # noqa: E402
+from interpreter_threads import LaunchTimeout, concurrent_programs  # noqa: E402
 
 if not tr.INTERPRET:  # imported compiled by an earlier test module: interpret it (see test_triton.py)
     tr = importlib.reload(tr)
@@ -61,6 +61,9 @@ def lengths_for(T, B):
     """Unsorted, with full-length and one-step sequences, repeated over the batch."""
     return torch.tensor(([2, T, 1] * B)[:B])
 
+
+# every test here interprets the kernels with several threads: 2-10 s each on a 2-core CPU
+pytestmark = [pytest.mark.interpreter, pytest.mark.slow]
 
 # (T, B, H, with_lengths, D, dtype, block_n): members per group = HP / block_n
 CASES = [
@@ -84,7 +87,8 @@ def problem(T, B, H, with_lengths, D, dtype, seed=0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
     lengths = lengths_for(T, B) if with_lengths else None
-    fwd = dict(gx=rand(T, B, D, 4 * H), w_hh=rand(D, 4 * H, H, scale=0.5), h0=rand(D, B, H), c0=rand(D, B, H), lengths=lengths)
+    fwd = dict(gx=rand(T, B, D, 4 * H), w_hh=rand(D, 4 * H, H, scale=0.5), h0=rand(D, B, H), c0=rand(D, B, H),
+               lengths=lengths)
     cot = dict(dout=rand(T, B, D, H), dh_n=rand(D, B, H), dc_n=rand(D, B, H))
     return fwd, cot
 
@@ -104,7 +108,9 @@ def vectorized_reference(fwd, cot):
     d = {k: (v.double() if v is not None and v.is_floating_point() else v) for k, v in fwd.items()}
     out, h_n, c_n, gates, cs = vectorized.recurrence_forward(**d)
     c = {k: v.double() for k, v in cot.items()}
-    dgates, dh0, dc0 = vectorized.recurrence_backward(c["dout"], c["dh_n"], c["dc_n"], d["w_hh"], gates, cs, d["c0"], d["lengths"])
+    dgates, dh0, dc0 = vectorized.recurrence_backward(
+        c["dout"], c["dh_n"], c["dc_n"], d["w_hh"], gates, cs, d["c0"], d["lengths"]
+    )
     return dict(out=out, h_n=h_n, c_n=c_n, cs=cs, dgates=dgates, dh0=dh0, dc0=dc0)
 
 

@@ -110,6 +110,8 @@ def rel_err(got, exact):
 # Measured: out 8.4e-5, h_n 1.0e-4, c_n 9.0e-5, dgates 8.9e-5, dh0 3.3e-4, dc0 8.4e-5: the 2e-3
 # floor has a 6x margin. The stepwise schedule with W streamed (K chunks, 32-wide programs) gave
 # the same errors to two digits, in 60 s instead of 6: left out of CI.
+@pytest.mark.slow
+@pytest.mark.interpreter
 @pytest.mark.parametrize("schedule", [dict(schedule="persistent")], ids=["persistent"])
 def test_tf32_error_is_within_the_cuda_suite_bound(tf32_dots, schedule):
     T, B, H, D = 12, 16, 256, 2
@@ -125,6 +127,7 @@ def test_tf32_error_is_within_the_cuda_suite_bound(tf32_dots, schedule):
         assert 1e-5 < err < CUDA_TF32_FLOOR, f"{name}: TF32 error {err:.2e}"
 
 
+@pytest.mark.interpreter
 def test_tf32x3_is_as_accurate_as_ieee(tf32_dots, monkeypatch):
     """The opt-in strict-fp32 dot (BILSTM_FAST_STRICT_FP32_DOT=tf32x3) against IEEE, both against
     float64. Measured here: within +-10% of IEEE's error on every output (1e-7 level); at H=256
