@@ -64,7 +64,8 @@ memory, occupancy). What still only a GPU can show:
     instead of hanging);
   - races inside a CTA: the interpreter runs a program as one thread, so a missing
     `tl.debug_barrier()` between steps would go unnoticed there;
-  - TF32 rounding (the interpreter's dot is plain fp32), bf16 (numpy has none), and of course
+  - the tensor cores' own TF32 arithmetic (tests/test_triton_tf32.py emulates TF32 and 3xTF32
+    operand rounding, not the hardware's accumulation), bf16 (numpy has none), and of course
     speed and the schedule thresholds (benchmarks/step_model.py predicts the per-step time);
   - CUDA graph capture of the persistent schedule's cooperative launch, triton 3.6 (checked
     here with 3.8 only), and the launch overhead of stepwise's one launch per step.
