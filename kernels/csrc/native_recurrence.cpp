@@ -15,8 +15,10 @@
 // SIMD: the fused loops are compiled for several instruction sets with GCC function
 // multiversioning (target_clones); the loader picks the best one this CPU supports at run time,
 // so the extension never executes an instruction the CPU lacks.
-#include <torch/extension.h>
+// Lighter than <torch/extension.h> (the whole C++ frontend): the build takes half the time.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cmath>
@@ -31,6 +33,9 @@
 #define MULTI_TARGET
 #endif
 #define ALWAYS_INLINE inline __attribute__((always_inline))
+// The loops below read and write through many row pointers that never overlap; without this the
+// compiler gives up on vectorizing them (too many run-time alias checks) and runs them scalar.
+#define SIMD_LOOP _Pragma("omp simd")
 
 namespace {
 
@@ -125,6 +130,7 @@ static ALWAYS_INLINE void forward_rows(
     if (gates != nullptr) {
       S* __restrict__ g_row = gates + b * gx_rs;
       S* __restrict__ c_row = cs + b * out_rs;
+      SIMD_LOOP
       for (int64_t j = 0; j < H; ++j) {
         S i = sigmoid(x[j] + a[j]);
         S f = sigmoid(x[H + j] + a[H + j]);
@@ -142,6 +148,7 @@ static ALWAYS_INLINE void forward_rows(
         o_row[j] = hn;
       }
     } else {
+      SIMD_LOOP
       for (int64_t j = 0; j < H; ++j) {
         S i = sigmoid(x[j] + a[j]);
         S f = sigmoid(x[H + j] + a[H + j]);
@@ -179,6 +186,7 @@ static ALWAYS_INLINE void backward_rows(
     S* __restrict__ dcr = dc + r * H;
     S* __restrict__ dgr = dg + r * G;
     S* __restrict__ dgo = dgates + b * g_rs;
+    SIMD_LOOP
     for (int64_t j = 0; j < H; ++j) {
       S i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
       S tc = tanh_act(cr[j]);
