@@ -12,8 +12,13 @@ setup:
 	$(PIP) install -q "pytest>=8" "hypothesis>=6" "matplotlib>=3.7" "pyjokes==0.8.3"
 	$(PIP) install -q --no-deps --no-build-isolation .
 
+# The suite runs twice: with the native CPU backend (auto's choice where it is built), then the
+# parity, op, composition and native tests again on the fallback that a machine without a
+# compiler gets (BILSTM_FAST_NO_NATIVE=1 at run time: the vectorized backend, one warning).
 test: setup
 	PYTHONSAFEPATH=1 $(PYTHON) -m pytest  # import the installed package, not the checkout
+	BILSTM_FAST_NO_NATIVE=1 PYTHONSAFEPATH=1 $(PYTHON) -m pytest -q -W "ignore:bilstm_fast:RuntimeWarning" \
+		tests/test_parity.py tests/test_function.py tests/test_compose.py tests/test_native.py
 
 mnist: setup
 	$(PYTHON) -m bilstm_fast.train_mnist --impl fast --save runs/mnist_bilstm.pt --out runs

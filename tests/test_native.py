@@ -268,3 +268,32 @@ def test_fallback_without_the_extension_warns_once_and_runs_vectorized():
     env["PYTHONPATH"] = os.pathsep.join(p for p in (where, env.get("PYTHONPATH")) if p)
     done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "fallback ok" in done.stdout, done.stdout + done.stderr
+
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(CHECKOUT, "setup.py")), reason="needs the source checkout")
+def test_a_failed_compile_still_builds_the_package(tmp_path):
+    """No working C++ compiler: `pip wheel .` (what `pip install .` builds) still succeeds, with the
+    Python backends and without the extension."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy(os.path.join(CHECKOUT, name), src / name)
+    for name in ("kernels", "bilstm_fast"):
+        shutil.copytree(os.path.join(CHECKOUT, name), src / name, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    env = dict(os.environ, CXX="false", CC="false")
+    env.pop("BILSTM_FAST_NO_NATIVE", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "bilstm_fast/kernels/native.py" in names and "bilstm_fast/kernels/vectorized.py" in names
+    assert not any("_native" in n for n in names)
