@@ -46,7 +46,8 @@ def main():
             forward(inputs[r % 3], layers, saving)
             seconds[saving].append(time.thread_time() - start)
     for saving, name in ((True, "saving Function"), (False, "inference op")):
-        print(f"{name:16s} min {min(seconds[saving]) * 1e3:8.1f} ms  median {statistics.median(seconds[saving]) * 1e3:8.1f} ms")
+        best, median = min(seconds[saving]), statistics.median(seconds[saving])
+        print(f"{name:16s} min {best * 1e3:8.1f} ms  median {median * 1e3:8.1f} ms")
     print(f"inference / saving: min {min(seconds[False]) / min(seconds[True]):.3f}, "
           f"median {statistics.median(seconds[False]) / statistics.median(seconds[True]):.3f}")
 

@@ -8,8 +8,9 @@
 #   env        GPU, driver, torch/triton/CUDA versions, commit, date        -> OUT/env.txt
 #   install    pip install --no-deps --no-build-isolation -e . (PYTHONPATH=. is set anyway)
 #   tests      pytest tests/test_cuda.py tests/  (CUDA parity suite first)  -> OUT/tests.log, junit
-#   schedules  the Triton recurrence per schedule (tile/persistent/stepwise, W resident or
-#              streamed), forward and backward, with the planner's pick    -> OUT/schedules.csv
+#   schedules  benchmarks/schedules.py: the Triton recurrence per schedule (tile/persistent/
+#              stepwise, W resident or streamed), forward and backward, with the planner's
+#              pick                                                         -> OUT/schedules.csv
 #   bench      benchmarks/run.py --out OUT, if it exists                    -> OUT/bench.log + files
 #   mnist      MNIST --compare --control over seeds 0-7 (FastBiLSTM on Triton against cuDNN, 3
 #              epochs each; resumable: a rerun continues where it stopped) -> OUT/mnist_seeds/
@@ -69,61 +70,7 @@ if want tests; then
 fi
 
 if want schedules; then
-    step schedules 1800 "$PYTHON" - "$OUT/schedules.csv" <<'PY'
-"""Time the Triton recurrence per schedule: the data for the planner's thresholds."""
-import csv, sys
-import torch, triton
-from triton.testing import do_bench
-from bilstm_fast.kernels import triton_recurrence as tr
-
-dev = torch.device("cuda")
-gpu = torch.cuda.get_device_name(dev)
-SHAPES = [  # (T, B, H, dtype)
-    (128, 64, 64, torch.float16), (128, 64, 128, torch.float16), (128, 64, 256, torch.float16),
-    (128, 64, 512, torch.float16), (64, 16, 1024, torch.float16), (64, 256, 256, torch.float16),
-    (128, 64, 256, torch.float32), (128, 64, 256, torch.bfloat16), (32, 4096, 1024, torch.float16),
-]
-PLANS = {
-    "auto": {}, "tile": dict(schedule="tile"),
-    "tile-stream": dict(schedule="tile", block_n=32, resident=False),
-    "persistent": dict(schedule="persistent"),
-    "stepwise": dict(schedule="stepwise", resident=True),
-    "stepwise-stream": dict(schedule="stepwise", resident=False),
-}
-rows = []
-for tf32 in (False, True):
-    torch.backends.cudnn.allow_tf32 = tf32
-    for T, B, H, dtype in SHAPES:
-        if dtype != torch.float32 and tf32:
-            continue
-        D = 2
-        gx = torch.randn(T, B, D, 4 * H, device=dev, dtype=dtype)
-        w = (torch.randn(D, 4 * H, H, device=dev) / H**0.5).to(dtype)
-        h0 = torch.randn(D, B, H, device=dev, dtype=dtype)
-        c0 = torch.randn(D, B, H, device=dev, dtype=dtype)
-        for name, force in PLANS.items():
-            try:
-                plan = tr._plan(B, D, H, dtype, dev, force.get("schedule"), force.get("block_n"), force.get("resident"))
-            except ValueError as e:
-                print(f"T{T} B{B} H{H} {dtype} {name}: skipped ({e})")
-                continue
-            with tr.forced_plan(**force):
-                out, h_n, c_n, gates, cs = tr.recurrence_forward(gx, w, h0, c0)
-                dout = torch.randn_like(out)
-                fwd = do_bench(lambda: tr.recurrence_forward(gx, w, h0, c0), quantiles=[0.5, 0.2, 0.8])
-                bwd = do_bench(lambda: tr.recurrence_backward(dout, h0, c0, w, gates, cs, c0), quantiles=[0.5, 0.2, 0.8])
-            row = dict(gpu=gpu, T=T, B=B, H=H, dtype=str(dtype).replace("torch.", ""), tf32=tf32, name=name,
-                       schedule=plan.schedule, block_b=plan.block_b, block_n=plan.block_n, resident=plan.resident,
-                       num_warps=plan.num_warps, fwd_ms=fwd[0], fwd_p20=fwd[1], fwd_p80=fwd[2],
-                       bwd_ms=bwd[0], bwd_p20=bwd[1], bwd_p80=bwd[2], us_per_step_fwd=1000 * fwd[0] / T)
-            rows.append(row)
-            print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-torch.backends.cudnn.allow_tf32 = True
-with open(sys.argv[1], "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-PY
+    step schedules 1800 "$PYTHON" benchmarks/schedules.py "$OUT/schedules.csv"
 fi
 
 if want bench; then

@@ -101,7 +101,8 @@ def summarize(runs, tolerance):
     summary["early_steps_agree"] = all(
         r["first_steps_rel_diff"] <= max(r["first_steps_rel_tol"], r["first_steps_rel_diff_control"]) for r in runs)
     summary["side_gaps"] = {
-        metric: {name: mean_and_interval([r["last_epoch"][name][metric] - r["last_epoch"]["torch"][metric] for r in runs])
+        metric: {name: mean_and_interval([r["last_epoch"][name][metric] - r["last_epoch"]["torch"][metric]
+                                          for r in runs])
                  for name in ("fast", "torch+1ulp")}
         for metric in SIDE_METRICS}
     # early drift, paired per seed: log10 of FastBiLSTM's first-steps difference over the control's

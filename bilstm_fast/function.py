@@ -57,19 +57,40 @@ def sum_over_rows(a, b):
     return out
 
 
+def split_directions(params, D):
+    """nn.LSTM's flat parameter list of one layer, direction by direction ([w_ih, w_hh, *bias
+    terms] each), as stacked [D, ...] weights and the summed bias [D, 4H] (None without bias).
+    The stacks and the sum are made here, inside the Function, so autograd never routes one
+    gradient buffer to several parameters (tests/test_grad_tensors.py)."""
+    per_direction = len(params) // D
+    groups = [params[d * per_direction:(d + 1) * per_direction] for d in range(D)]
+    w_ih = torch.stack([group[0] for group in groups])
+    w_hh = torch.stack([group[1] for group in groups])
+    bias = None
+    if per_direction > 2:
+        bias = torch.stack([sum(group[2:]) for group in groups])
+    return w_ih, w_hh, bias
+
+
 class LSTMLayerFunction(torch.autograd.Function):
-    """(x [T,B,I], w_ih [D,4H,I], w_hh [D,4H,H], bias [D,4H] or None, h0, c0 [D,B,H],
-    lengths [B] or None, backend) -> out [T,B,D*H], h_n [D,B,H], c_n [D,B,H]."""
+    """(x [T,B,I], h0, c0 [D,B,H], lengths [B] or None, backend, *params) -> out [T,B,D*H],
+    h_n [D,B,H], c_n [D,B,H].
+
+    params is the layer's flat parameter list as nn.LSTM orders it: for each direction
+    w_ih [4H,I], w_hh [4H,H], then any number of bias terms [4H] (nn.LSTM has two, b_ih and
+    b_hh, which are summed). Every parameter gets a gradient tensor of its own: one shared
+    buffer would be hit twice by in-place gradient edits (clipping, accumulation)."""
 
     @staticmethod
-    def forward(ctx, x, w_ih, w_hh, bias, h0, c0, lengths, backend):
+    def forward(ctx, x, h0, c0, lengths, backend, *params):
         T, B, _ = x.shape
-        D, _, H = w_hh.shape
+        D, _, H = h0.shape
+        w_ih, w_hh, bias = split_directions(params, D)
         gx = input_projection(x, w_ih, bias)
         out, h_n, c_n, gates, cs = ops.recurrence_forward(gx, w_hh, h0, c0, lengths, backend)
         ctx.save_for_backward(x, w_ih, w_hh, h0, c0, lengths, out, gates, cs)
-        ctx.has_bias = bias is not None
         ctx.backend = backend
+        ctx.per_direction = len(params) // D
         return out.view(T, B, D * H), h_n, c_n
 
     @staticmethod
@@ -82,25 +103,34 @@ class LSTMLayerFunction(torch.autograd.Function):
         dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
         dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
         dgates, dh0, dc0 = ops.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, ctx.backend)
-        dgates2d = dgates.view(T * B, D * G)
         need = ctx.needs_input_grad
-        dx = dw_ih = dw_hh = dbias = None
+        dx = None
         if need[0]:
-            dx = torch.mm(dgates2d, w_ih.reshape(D * G, I)).view(T, B, I)
-        if need[1]:
-            dw_ih = sum_over_rows(dgates2d, x.reshape(T * B, I)).view(D, G, I)
-        if need[2]:
-            h_prev = previous_hidden(out, h0, lengths)  # [T, B, D, H]
-            # one GEMM per direction on strided views: no copy (einsum first copied dgates into
-            # a [D, 4H, T*B] layout, 2.4x slower; benchmarks/NOTES.md attempt 5)
-            dw_hh = torch.stack(
-                [sum_over_rows(dgates[:, :, d].reshape(T * B, G), h_prev[:, :, d].reshape(T * B, H)) for d in range(D)]
-            )
-        if ctx.has_bias and need[3]:
-            dbias = dgates2d.sum(0).view(D, G)
-        dh0 = dh0.to(h0.dtype) if need[4] else None
-        dc0 = dc0.to(c0.dtype) if need[5] else None
-        return dx, dw_ih, dw_hh, dbias, dh0, dc0, None, None
+            dx = torch.mm(dgates.view(T * B, D * G), w_ih.reshape(D * G, I)).view(T, B, I)
+        dh0 = dh0.to(h0.dtype) if need[1] else None
+        dc0 = dc0.to(c0.dtype) if need[2] else None
+        h_prev = None
+        param_grads = []
+        for d in range(D):
+            # one GEMM per direction and parameter on strided views of dgates: no copy, and every
+            # parameter's gradient is a fresh tensor (einsum first copied dgates into a
+            # [D, 4H, T*B] layout, 2.4x slower; benchmarks/NOTES.md attempt 5)
+            first = 5 + d * ctx.per_direction
+            need_d = need[first:first + ctx.per_direction]
+            dgates_d = dgates[:, :, d].reshape(T * B, G)
+            dw_ih = dw_hh = None
+            if need_d[0]:
+                dw_ih = sum_over_rows(dgates_d, x.reshape(T * B, I))
+            if need_d[1]:
+                if h_prev is None:
+                    h_prev = previous_hidden(out, h0, lengths)  # [T, B, D, H]
+                dw_hh = sum_over_rows(dgates_d, h_prev[:, :, d].reshape(T * B, H))
+            param_grads += [dw_ih, dw_hh]
+            db = dgates_d.sum(0) if any(need_d[2:]) else None
+            for k, needed in enumerate(need_d[2:]):
+                # every bias term gets its own copy of the one gradient (a 4H vector: negligible)
+                param_grads.append(None if not needed else db if k == need_d[2:].index(True) else db.clone())
+        return (dx, dh0, dc0, None, None, *param_grads)
 
 
 def check_lengths(lengths, T, B, device):
@@ -120,11 +150,21 @@ def check_lengths(lengths, T, B, device):
         torch._assert_async(((lengths >= 1) & (lengths <= T)).all(), "lengths must lie in [1, T]")
 
 
-def lstm_layer(x, w_ih, w_hh, bias, h0, c0, lengths=None, backend="auto"):
-    """Functional entry point: see LSTMLayerFunction."""
+def lstm_layer_params(x, params, h0, c0, lengths=None, backend="auto"):
+    """One layer from nn.LSTM's flat per-layer parameter list (see LSTMLayerFunction)."""
     check_lengths(lengths, x.shape[0], x.shape[1], x.device)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, w_hh, bias, h0, c0)):
-        return LSTMLayerFunction.apply(x, w_ih, w_hh, bias, h0, c0, lengths, backend)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *params)):
+        return LSTMLayerFunction.apply(x, h0, c0, lengths, backend, *params)
     T, B, _ = x.shape
+    w_ih, w_hh, bias = split_directions(params, h0.shape[0])
     out, h_n, c_n = ops.recurrence_inference(input_projection(x, w_ih, bias), w_hh, h0, c0, lengths, backend)
     return out.view(T, B, -1), h_n, c_n
+
+
+def lstm_layer(x, w_ih, w_hh, bias, h0, c0, lengths=None, backend="auto"):
+    """Functional entry point on stacked weights: x [T,B,I], w_ih [D,4H,I], w_hh [D,4H,H],
+    bias [D,4H] (b_ih + b_hh) or None, h0/c0 [D,B,H], lengths [B] or None."""
+    params = []
+    for d in range(w_ih.shape[0]):
+        params += [w_ih[d], w_hh[d]] + ([] if bias is None else [bias[d]])
+    return lstm_layer_params(x, params, h0, c0, lengths, backend)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from bilstm_fast.function import lstm_layer
+from bilstm_fast.function import lstm_layer_params
 from bilstm_fast.kernels import BACKENDS
 
 
@@ -86,17 +86,11 @@ class FastBiLSTM(nn.RNNBase):
         fast.train(lstm.training)
         return fast
 
-    def _layer_weights(self, layer):
-        """Stacked [D, ...] weights of one layer, and the summed bias (None without bias)."""
+    def _layer_params(self, layer):
+        """One layer's parameters in nn.LSTM's flat order: per direction w_ih, w_hh[, b_ih, b_hh]."""
         suffixes = ["", "_reverse"][: 2 if self.bidirectional else 1]
-
-        def stacked(name):
-            weights = [getattr(self, f"{name}_l{layer}{s}") for s in suffixes]
-            # one direction: a view, no copy (it shows in T=1 generation latency)
-            return weights[0].unsqueeze(0) if len(weights) == 1 else torch.stack(weights)
-
-        bias = stacked("bias_ih") + stacked("bias_hh") if self.bias else None
-        return stacked("weight_ih"), stacked("weight_hh"), bias
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        return [getattr(self, f"{name}_l{layer}{suffix}") for suffix in suffixes for name in names]
 
     def _expected_parameter_shapes(self):
         """(name, shape) of every weight and bias, as nn.RNNBase creates them."""
@@ -202,9 +196,9 @@ class FastBiLSTM(nn.RNNBase):
         D = 2 if self.bidirectional else 1
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            w_ih, w_hh, bias = (None if w is None else w.to(x.dtype) for w in self._layer_weights(layer))
+            params = [w.to(x.dtype) for w in self._layer_params(layer)]
             states = slice(layer * D, (layer + 1) * D)
-            x, h, c = lstm_layer(x, w_ih, w_hh, bias, h0[states], c0[states], lengths, self.backend)
+            x, h, c = lstm_layer_params(x, params, h0[states], c0[states], lengths, self.backend)
             h_n.append(h)
             c_n.append(c)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:

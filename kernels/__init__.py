@@ -28,6 +28,20 @@ def native_available():
     return native.available()
 
 
+def available_backends(device):
+    """The concrete backends that run on `device` (a torch.device or a string), in the order
+    'auto' prefers them. The tests' `backend` fixture and the benchmark's implementation list
+    both come from here: a new backend is tested and benchmarked once it is listed here."""
+    device_type = getattr(device, "type", str(device).split(":")[0])
+    names = []
+    if device_type == "cuda" and triton_available():
+        names.append("triton")
+    if device_type == "cpu" and native_available():
+        names.append("native")
+    names.append("vectorized")
+    return names
+
+
 def _native_or_fallback(dtype):
     """'native' when it loads and runs this dtype, else 'vectorized' (saying why, once, when the
     extension itself is missing; other dtypes are simply the vectorized backend's)."""

@@ -493,7 +493,7 @@ def no_compute(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the layer op ran before the bad call was refused")
 
-    monkeypatch.setattr(bilstm_fast.module, "lstm_layer", refuse)
+    monkeypatch.setattr(bilstm_fast.module, "lstm_layer_params", refuse)
 
 
 I, H, L = 3, 4, 2

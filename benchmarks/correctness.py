@@ -1,0 +1,58 @@
+"""The correctness gate: every implementation against float64 nn.LSTM on the same inputs."""
+import copy
+import math
+
+from torch.nn.utils.rnn import PackedSequence
+
+from .implementations import call, output_tensor
+
+# Largest accepted max|impl - ref| / max|ref| against the float64 reference, over outputs,
+# final states and weight gradients. fp32: honest implementations measure ~1e-6 on every shape
+# here (see NOTES.md), a wrong one (swapped gates, a direction not reversed, one batch tile off)
+# 1e-2 to 1; 1e-4 leaves room for long sequences. TF32/fp16 (unit roundoff 2^-11) and bf16
+# (2^-8) round every GEMM input: a few hundred roundoffs, first estimates until measured on a GPU.
+TOLERANCE = {"fp32": 1e-4, "fp32-ieee": 1e-4, "fp32-tf32": 2e-2, "fp16": 2e-2, "bf16": 1e-1}
+
+
+def results_of(model, x, dout):
+    """Output, final states and every weight gradient of one training call, as float64."""
+    out, (h_n, c_n) = call(model, "training", x, dout)
+    tensors = {"output": output_tensor(out), "h_n": h_n, "c_n": c_n}
+    tensors.update({f"grad {name}": p.grad for name, p in model.named_parameters()})
+    return {k: v.detach().double() for k, v in tensors.items()}
+
+
+def relative_error(result, reference):
+    """(worst max|a - r| / max|r| over all tensors, the tensor it came from)."""
+    worst, where = 0.0, ""
+    for name, r in reference.items():
+        a = result.get(name)
+        if a is None or a.shape != r.shape:
+            return math.inf, f"{name} missing or of the wrong shape"
+        err = ((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+        if not err <= worst:  # NaN counts as worst
+            worst, where = (math.inf if math.isnan(err) else err), name
+    return worst, where
+
+
+def reference_results(base, x, dout):
+    """nn.LSTM in float64 (on the same device) on exactly the values the implementations see."""
+    ref = copy.deepcopy(base).double()
+    if isinstance(x, PackedSequence):
+        x = PackedSequence(x.data.double(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+    else:
+        x = x.double()
+    return results_of(ref, x, dout.double())
+
+
+def check(model, build_error, case_check, tolerance):
+    """The correctness gate for one implementation on one case: fields for its rows."""
+    check_x, check_dout, reference = case_check
+    verdict = dict(check_tolerance=tolerance, correct=False)
+    if build_error is not None:
+        return dict(verdict, error=f"building it: {build_error!r}"[:300])
+    try:
+        err, where = relative_error(results_of(model, check_x, check_dout), reference)
+    except Exception as error:  # noqa: BLE001
+        return dict(verdict, error=f"checking it: {error!r}"[:300])
+    return dict(verdict, check_rel_err=err, check_worst=where, correct=err <= tolerance)

@@ -1,0 +1,73 @@
+"""The machine line: CPU/GPU, versions, nn.LSTM's engine, commit and load."""
+import datetime
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+from bilstm_fast.kernels import triton_available
+
+from .implementations import lstm_engine
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info(device):
+    info = {
+        "device": device.type,
+        "cpu": cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": None,
+        "nn_lstm_engine": lstm_engine(device),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    if triton_available():
+        import triton
+
+        info["triton"] = triton.__version__
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+def machine_line(info):
+    where = f"GPU {info['gpu']} (CUDA {info['cuda']}, cuDNN {info['cudnn']})" if info["device"] == "cuda" else "CPU"
+    load = info.get("load_average_start")
+    load_text = f", load avg {load[0]:.2f} at start" if load else ""
+    return (f"{where}; CPU {info['cpu']} ({info['cpu_cores']} cores, torch threads {info['torch_threads']}); "
+            f"torch {info['torch']}, triton {info['triton']}; nn.LSTM engine: {info['nn_lstm_engine']}{load_text}")
+
+
+def device_slug(info):
+    name = info.get("gpu") if info["device"] == "cuda" else info["cpu"]
+    name = re.sub(r"\(r\)|\(tm\)|processor|cpu @.*", "", name.lower())
+    return f"{info['device']}-" + re.sub(r"[^a-z0-9]+", "-", name).strip("-")
