@@ -15,9 +15,13 @@
 // SIMD: the fused loops are compiled for several instruction sets with GCC function
 // multiversioning (target_clones); the loader picks the best one this CPU supports at run time,
 // so the extension never executes an instruction the CPU lacks.
-// Lighter than <torch/extension.h> (the whole C++ frontend): the build takes half the time.
-#include <ATen/ATen.h>
+// Only the ATen pieces used here, not <torch/extension.h> (the whole C++ frontend): the build
+// takes a fraction of the time.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/core/LegacyTypeDispatch.h>  // AutoDispatchBelowADInplaceOrView
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
