@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <vector>
@@ -265,8 +266,16 @@ struct Task {
 };
 
 // Rows per batch slice below which splitting a direction further does not pay (each slice's
-// GEMM reads all of W_hh for fewer rows).
-constexpr int64_t kMinRowsPerSlice = 8;
+// GEMM reads all of W_hh for fewer rows). A first guess, not yet measured on a quiet machine:
+// BILSTM_FAST_NATIVE_MIN_ROWS overrides it (a huge value: never split, one task per direction).
+static int64_t min_rows_per_slice() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("BILSTM_FAST_NATIVE_MIN_ROWS");
+    const long long parsed = env != nullptr ? std::atoll(env) : 0;
+    return parsed > 0 ? static_cast<int64_t>(parsed) : int64_t{8};
+  }();
+  return value;
+}
 
 static std::vector<int64_t> lengths_vector(const c10::optional<at::Tensor>& lengths, int64_t B, int64_t T) {
   std::vector<int64_t> len(B, T);
@@ -291,7 +300,7 @@ static std::vector<Task> make_tasks(const std::vector<int64_t>& len, int64_t D) 
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return len[a] > len[b]; });
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t slices = std::max<int64_t>(1, threads / D);
-  slices = std::min<int64_t>(slices, std::max<int64_t>(1, B / kMinRowsPerSlice));
+  slices = std::min<int64_t>(slices, std::max<int64_t>(1, B / min_rows_per_slice()));
   std::vector<Task> tasks;
   for (int64_t d = 0; d < D; ++d) {
     for (int64_t k = 0; k < slices; ++k) {
