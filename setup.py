@@ -1,13 +1,19 @@
 import os
+import re
 import sys
+from pathlib import Path
 
 from setuptools import setup
+
+# The one version string is bilstm_fast.__version__, read as text: importing the package needs torch.
+INIT = Path(__file__).resolve().parent / "bilstm_fast" / "__init__.py"
+VERSION = re.search(r'^__version__ = "([^"]+)"', INIT.read_text(encoding="utf-8"), re.M).group(1)
 
 # `kernels/` ships as `bilstm_fast.kernels`: a different, widely installed distribution
 # already owns the top-level import name `kernels`.
 PACKAGE = dict(
     name="bilstm-fast",
-    version="0.1.0",
+    version=VERSION,
     description="A drop-in, Triton-accelerated bidirectional LSTM for PyTorch",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

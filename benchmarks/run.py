@@ -10,8 +10,8 @@ reported as WRONG, never timed, and makes the run exit with status 1):
   fast-triton      FastBiLSTM(backend="triton"), CUDA only
   fast-native      FastBiLSTM(backend="native"): the C++ CPU recurrence, where it is built
   fast-vectorized  FastBiLSTM(backend="vectorized")
+  fast-<name>      one column for each backend bilstm_fast.kernels.available_backends(device) lists
   nn.LSTM          torch's own: cuDNN on a GPU, oneDNN on the CPU (the machine line says which)
-  fast-<backend>    one column per backend that bilstm_fast.kernels.available_backends lists
   vanilla          the "vanilla PyTorch" baseline (vanilla.py): nn.LSTMCell math, one batched
                    step at a time per layer and direction, autograd for the backward
 
@@ -29,9 +29,9 @@ the machine line, and a .png bar chart of speedups against nn.LSTM (needs matplo
 benchmarks/NOTES.md for how to read the table and the floor arithmetic.
 
 This file is the command line; each module beside it has one job:
-  shapes.py           the shapes, their inputs and matmul FLOPs     precision.py  dtypes, TF32/IEEE
-  implementations.py  what is timed (Impl, default_impls), a call  vanilla.py    the loop baseline
-  correctness.py      the float64 gate and its tolerances          cases.py      check + time a case
+  shapes.py           the shapes, their inputs, matmul FLOPs        precision.py  dtypes, TF32 or IEEE
+  implementations.py  what is timed (Impl, default_impls), a call   vanilla.py    the loop baseline
+  correctness.py      the float64 gate and its tolerances           cases.py      check, time a case
   timing.py           samples, quantiles, the matmul rate           memory.py     peak memory
   machine.py          the machine line                              report.py     table, JSON/CSV/PNG
   mnist_epoch.py      MNIST seconds per epoch (--mnist)             schedules.py  Triton schedules (GPU)

@@ -10,8 +10,8 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
     _os.path.join(_checkout, "kernels", "__init__.py")
 ):
     __path__.append(_checkout)
-from bilstm_fast.function import LSTMLayerFunction, lstm_layer
-from bilstm_fast.module import FastBiLSTM, swap_lstm
+from bilstm_fast.function import LSTMLayerFunction, lstm_layer  # noqa: E402 (after the path set-up above)
+from bilstm_fast.module import FastBiLSTM, swap_lstm  # noqa: E402
 
 __all__ = ["FastBiLSTM", "LSTMLayerFunction", "lstm_layer", "swap_lstm"]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version string: setup.py reads it from here

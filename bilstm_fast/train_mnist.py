@@ -527,7 +527,10 @@ def main(argv=None):
 
 def write_results(summary, out_dir, device):
     os.makedirs(out_dir, exist_ok=True)
-    stem = f"mnist_compare_{device.type}" if summary["mode"] == "compare" else f"mnist_train_{summary['impl']}_{device.type}"
+    if summary["mode"] == "compare":
+        stem = f"mnist_compare_{device.type}"
+    else:
+        stem = f"mnist_train_{summary['impl']}_{device.type}"
     if summary["hyperparameters"]["dtype"] != "float32":
         stem += "_" + summary["hyperparameters"]["dtype"]
     if summary["mode"] == "compare":

@@ -1,7 +1,9 @@
 """Recurrence backends for one LSTM layer (all directions at once). Imported as bilstm_fast.kernels.
 
 Each backend module exposes `recurrence_forward` and `recurrence_backward` with the contract
-documented in vectorized.py.
+in contract.py. A new backend: its module here, its name in BACKENDS, recurrence_module and
+available_backends; the tests (the `backend` fixture) and the benchmark (a `fast-<name>` column)
+then pick it up.
 """
 import importlib
 import warnings

@@ -1,6 +1,6 @@
 """Triton recurrence kernels: the sequential part of one LSTM layer, all directions in one launch.
 
-Implements the recurrence contract documented in vectorized.py (same function names, same
+Implements the recurrence contract in contract.py (same function names, same
 outputs); the input projection and the weight gradients stay GEMMs in bilstm_fast/function.py.
 
 Design

@@ -3,27 +3,7 @@
 Both directions advance in lockstep: step s runs direction 0 at time s and direction 1 at time
 T-1-s, as one batched matmul over a leading lane axis. Time is indexed, never flipped.
 
-Recurrence contract (shared with the Triton backend; the input projection and the weight,
-bias and input gradients are large GEMMs done by the caller, see bilstm_fast/function.py):
-
-    recurrence_forward(gx, w_hh, h0, c0, lengths, save=True) -> out, h_n, c_n, gates, cs
-        gx      [T, B, D, 4H]  x @ W_ih^T + b_ih + b_hh, gates ordered i, f, g, o
-        w_hh    [D, 4H, H]
-        h0, c0  [D, B, H]
-        lengths None, or int64 [B] on gx's device with 1 <= lengths <= T
-        out     [T, B, D, H]   zero where t >= lengths[b]
-        h_n/c_n [D, B, H]      state after each sequence's last valid step
-        gates   [T, B, D, 4H]  activated gates (sigmoid i, f, o; tanh g), saved for backward
-        cs      [T, B, D, H]   cell state after each step, fp32 (fp64 for fp64 input); where t >= lengths[b] it holds
-                               the carried state (the final one going forward, c0 going back),
-                               so the previous cell state is always the neighbouring entry
-        save=False             inference: gates and cs are neither kept nor returned (None)
-
-    recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths) -> dgates, dh0, dc0
-        dgates  [T, B, D, 4H]  gradient w.r.t. the pre-activation gates (= d gx), zero where
-                               t >= lengths[b]; dh0, dc0 [D, B, H]
-
-All outputs are new, contiguous tensors (dgates must be: the caller views it as [T*B, D*4H]).
+Implements the recurrence contract in contract.py (recurrence_forward, recurrence_backward).
 
 Why it is written this way (measured on CPU, see benchmarks/NOTES.md): with both directions in
 one contiguous [T, B, D, F] buffer, the two slices that step s touches (direction 0 at time s,
@@ -37,10 +17,7 @@ masked by selection (torch.where), never by multiplying: 0 * inf would be NaN.
 """
 import torch
 
-
-def state_dtype(dtype):
-    """Cell state and gradient accumulation precision: fp32 at least, whatever the input dtype."""
-    return torch.promote_types(dtype, torch.float32)
+from .contract import state_dtype  # bilstm_fast/ops.py imports it from here too
 
 
 def valid_mask(lengths, T):
@@ -94,7 +71,8 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True):
     # tanh runs on contiguous scratch only: on a strided view torch's float tanh makes one MKL
     # VML call per row, and with 2+ threads each call costs 3x (see benchmarks/NOTES.md)
     g_act = gx.new_empty(D, B, H)
-    cells = (gx.new_empty(D, B, H, dtype=sdtype), gx.new_empty(D, B, H, dtype=sdtype))  # ping-pong: step s writes cells[s % 2]
+    # ping-pong: step s writes cells[s % 2]
+    cells = (gx.new_empty(D, B, H, dtype=sdtype), gx.new_empty(D, B, H, dtype=sdtype))
     tanh_c = gx.new_empty(D, B, H, dtype=sdtype)
     valid = None
     if lengths is not None:

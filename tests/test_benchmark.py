@@ -8,27 +8,18 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from bilstm_fast import FastBiLSTM
+from helpers import REPO, load_script
 
-REPO = Path(__file__).resolve().parents[1]
 RUN_PY = REPO / "benchmarks" / "run.py"
+run = load_script("benchmarks/run.py", "benchmarks_run")
 
 
-def load_run():
-    spec = importlib.util.spec_from_file_location("benchmarks_run", RUN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-run = load_run()
-
-
+@pytest.mark.slow
 def test_quick_cli_writes_checked_rows(tmp_path):
     """The CLI end to end: every implementation checked and timed in both modes, the packed
     variant with its ratio, and JSON + CSV (+ PNG with matplotlib) in --out."""
@@ -120,6 +111,7 @@ WRONG = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bug", list(WRONG))
 def test_wrong_implementation_is_reported_not_timed(bug, tmp_path, capsys):
     impls = [run.Impl("fast-vectorized", lambda lstm: FastBiLSTM.from_lstm(lstm, backend="vectorized")),

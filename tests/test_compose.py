@@ -6,8 +6,6 @@ from torch import nn
 
 from bilstm_fast import FastBiLSTM
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 
 class Classifier(nn.Module):
     """The MNIST-style model in miniature: BiLSTM, then a linear head on the last step."""
@@ -21,7 +19,7 @@ class Classifier(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
-def forward_backward(model, x):
+def classifier_step(model, x):
     model.zero_grad()
     x = x.detach().requires_grad_()
     y = model(x)
@@ -29,19 +27,21 @@ def forward_backward(model, x):
     return [y.detach(), x.grad] + [p.grad.clone() for p in model.parameters()]
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_matches_eager():
     torch.manual_seed(0)
     model = Classifier()
     x = torch.randn(4, 6, 5)
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
-    eager = forward_backward(model, x)
-    compiled = forward_backward(torch.compile(model, fullgraph=True), x)
+    eager = classifier_step(model, x)
+    compiled = classifier_step(torch.compile(model, fullgraph=True), x)
     # inductor fuses the GEMM epilogues and reductions differently: a few fp32 ulps
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_inference_matches_eager():
     """Under no_grad the model runs the inference op: compiled, still one graph, same numbers."""
     torch.manual_seed(0)
@@ -72,14 +72,15 @@ def test_cpu_bf16_autocast_matches_nn_lstm():
     assert x.grad.dtype == torch.float32 and fast.weight_ih_l0.grad.dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_bitwise_repeatable_and_deterministic_mode():
     torch.manual_seed(0)
     model = Classifier(I=4, H=12)
     x = torch.randn(5, 9, 4)
-    first = forward_backward(model, x)
+    first = classifier_step(model, x)
     torch.use_deterministic_algorithms(True)
     try:
-        second = forward_backward(model, x)
+        second = classifier_step(model, x)
     finally:
         torch.use_deterministic_algorithms(False)
     for a, b in zip(first, second):
@@ -91,18 +92,18 @@ def test_jit_script_says_it_is_unsupported():
         torch.jit.script(FastBiLSTM(3, 4))
 
 
-@cuda
+@pytest.mark.cuda
 def test_cuda_compile_matches_eager():
     torch.manual_seed(0)
     model = Classifier().cuda()
     x = torch.randn(4, 6, 5, device="cuda")
-    eager = forward_backward(model, x)
-    compiled = forward_backward(torch.compile(model, fullgraph=True), x)
+    eager = classifier_step(model, x)
+    compiled = classifier_step(torch.compile(model, fullgraph=True), x)
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-5)
 
 
-@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_autocast_dtype_matches_nn_lstm(dtype):
     torch.manual_seed(0)
@@ -117,7 +118,7 @@ def test_cuda_autocast_dtype_matches_nn_lstm(dtype):
     torch.testing.assert_close(f_out.float(), r_out.float(), rtol=0, atol=atol)
 
 
-@cuda
+@pytest.mark.cuda
 def test_cuda_graph_capture_and_replay_training_step():
     torch.manual_seed(0)
     model = Classifier(I=8, H=32).cuda()

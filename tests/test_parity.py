@@ -1,9 +1,8 @@
-"""FastBiLSTM against nn.LSTM on CPU: outputs, final states and every gradient.
+"""FastBiLSTM against nn.LSTM on CPU, on every backend (the `backend` fixture): outputs, final
+states and every gradient.
 
-Tolerances: in fp32 both implementations round differently (GEMM blocking, summation order of
-the weight gradients over T*B terms), so they agree to a few ulps of the largest values:
-rtol=1e-5 with atol=1e-6 (outputs are O(1), gradients O(1)-O(10) here). In float64 the same math
-must agree to 1e-10: any formula difference would show up at 1e-3 or worse.
+Tolerances (helpers.TOL): fp32 rtol=1e-5/atol=1e-6, both implementations rounding differently;
+fp64 rtol=1e-10/atol=1e-12, where any formula difference would show up at 1e-3 or worse.
 """
 import pytest
 import torch
@@ -12,8 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from bilstm_fast import FastBiLSTM, swap_lstm
 from bilstm_fast.kernels import resolve_backend
-
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+from helpers import TOL, assert_all_close, forward_backward, make_pair
 
 
 class Case:
@@ -42,21 +40,14 @@ CASES = [
 ]
 
 
-def make_pair(case, dtype, **kw):
-    torch.manual_seed(0)
-    ref = nn.LSTM(case.I, case.H, num_layers=case.layers, bias=case.bias,
-                  batch_first=case.batch_first, bidirectional=case.bidir, dtype=dtype, **kw)
-    return ref, FastBiLSTM.from_lstm(ref)
+def pair_for(case, dtype, backend):
+    return make_pair(case.I, case.H, case.layers, dtype, bias=case.bias, batch_first=case.batch_first,
+                     bidirectional=case.bidir, backend=backend)
 
 
 def run_and_grad(model, x, hx):
-    """Forward, then gradients of a loss touching every output, w.r.t. input, states and params."""
-    out, (h_n, c_n) = model(x, hx)
-    # different weights per element so a transposed or misplaced gradient cannot cancel out
-    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
-    loss = loss + (h_n * 0.5).sum() + (c_n * c_n).sum()
-    inputs = [x] + ([] if hx is None else list(hx)) + list(model.parameters())
-    return (out, h_n, c_n), torch.autograd.grad(loss, inputs)
+    """Output, final states and the gradients w.r.t. input, states and every parameter."""
+    return forward_backward(model, x, hx, leaves=[x, *(hx or ())])
 
 
 def inputs_for(case, dtype):
@@ -72,27 +63,23 @@ def inputs_for(case, dtype):
 
 
 def assert_parity(ref_result, fast_result, dtype):
-    (ref_vals, ref_grads), (fast_vals, fast_grads) = ref_result, fast_result
-    for name, r, f in zip(("output", "h_n", "c_n"), ref_vals, fast_vals):
-        torch.testing.assert_close(f, r, **TOL[dtype], msg=lambda m: f"{name}: {m}")
-    assert len(ref_grads) == len(fast_grads)
-    for k, (r, f) in enumerate(zip(ref_grads, fast_grads)):
-        torch.testing.assert_close(f, r, **TOL[dtype], msg=lambda m: f"gradient {k}: {m}")
+    """Output, h_n, c_n and every gradient, element by element at helpers.TOL."""
+    assert_all_close(fast_result, ref_result, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("case", CASES, ids=repr)
-def test_matches_nn_lstm(case, dtype):
-    ref, fast = make_pair(case, dtype)
+def test_matches_nn_lstm(case, dtype, backend):
+    ref, fast = pair_for(case, dtype, backend)
     x, hx = inputs_for(case, dtype)
     assert_parity(run_and_grad(ref, x, hx), run_and_grad(fast, x, hx), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["tmajor", "bf"])
-def test_packed_unsorted_lengths(batch_first, dtype):
+def test_packed_unsorted_lengths(batch_first, dtype, backend):
     case = Case(4, 7, 3, 10, layers=2, batch_first=batch_first, hx=True)
-    ref, fast = make_pair(case, dtype)
+    ref, fast = pair_for(case, dtype, backend)
     x, hx = inputs_for(case, dtype)
     lengths = torch.tensor([3, 7, 1, 5])  # unsorted, includes the full length and length 1
 
@@ -106,25 +93,25 @@ def test_packed_unsorted_lengths(batch_first, dtype):
         w = torch.linspace(-1, 1, padded.numel(), dtype=dtype).view_as(padded)
         loss = (padded * w).sum() + h_n.sum() + (c_n * c_n).sum()
         grads = torch.autograd.grad(loss, [x, *hx, *model.parameters()])
-        return (padded, h_n, c_n), grads
+        return [padded, h_n, c_n, *grads]
 
     assert_parity(run(ref), run(fast), dtype)
 
 
-def test_unbatched_input():
+def test_unbatched_input(backend):
     case = Case(1, 6, 4, 5, layers=2)
-    ref, fast = make_pair(case, torch.float32)
+    ref, fast = pair_for(case, torch.float32, backend)
     x = torch.randn(6, 4, requires_grad=True)
     hx = tuple(torch.randn(4, 5, requires_grad=True) for _ in range(2))
     for state in (None, hx):
         ref_result, fast_result = run_and_grad(ref, x, state), run_and_grad(fast, x, state)
-        assert fast_result[0][0].shape == (6, 10) and fast_result[0][1].shape == (4, 5)
+        assert fast_result[0].shape == (6, 10) and fast_result[1].shape == (4, 5)
         assert_parity(ref_result, fast_result, torch.float32)
 
 
-def test_dropout_is_training_only():
+def test_dropout_is_training_only(backend):
     torch.manual_seed(0)
-    fast = FastBiLSTM(4, 6, num_layers=3, dropout=0.5)
+    fast = FastBiLSTM(4, 6, num_layers=3, dropout=0.5, backend=backend)
     ref = nn.LSTM(4, 6, num_layers=3, dropout=0.5, bidirectional=True)
     ref.load_state_dict(fast.state_dict())
     x = torch.randn(5, 2, 4)
@@ -166,13 +153,13 @@ def test_init_matches_nn_lstm():
         assert torch.equal(a, b), name
 
 
-def test_swap_lstm_in_a_model():
+def test_swap_lstm_in_a_model(backend):
     torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("rnn", nn.LSTM(4, 6, bidirectional=True, batch_first=True))
     x = torch.randn(2, 5, 4)
     expected = model.rnn(x)[0]
-    swapped = swap_lstm(model)
+    swapped = swap_lstm(model, backend=backend)
     assert swapped is model and type(model.rnn) is FastBiLSTM
     assert model.rnn.batch_first
     torch.testing.assert_close(model.rnn(x)[0], expected, **TOL[torch.float32])
@@ -201,15 +188,15 @@ def test_backends_agree():
         FastBiLSTM(5, 7, backend="cudnn")
 
 
-def test_batch_of_zero_behaves_like_nn_lstm():
-    ref, fast = make_pair(Case(0, 4, 3, 5, layers=2), torch.float32)
+def test_batch_of_zero_behaves_like_nn_lstm(backend):
+    ref, fast = pair_for(Case(0, 4, 3, 5, layers=2), torch.float32, backend)
     x = torch.randn(4, 0, 3)
     (ro, (rh, rc)), (fo, (fh, fc)) = ref(x), fast(x)
     assert fo.shape == ro.shape and fh.shape == rh.shape and fc.shape == rc.shape
 
 
-def test_does_not_modify_inputs():
-    ref, fast = make_pair(Case(2, 5, 3, 4, hx=True), torch.float32)
+def test_does_not_modify_inputs(backend):
+    ref, fast = pair_for(Case(2, 5, 3, 4, hx=True), torch.float32, backend)
     x, hx = inputs_for(Case(2, 5, 3, 4, hx=True), torch.float32)
     copies = [t.detach().clone() for t in (x, *hx)]
     run_and_grad(fast, x, hx)

@@ -1,7 +1,8 @@
 """Property tests (hypothesis): on random configurations (shapes from 1 up, layer counts,
 bias, uni/bidirectional, batch_first, unbatched input, PackedSequence with sorted or unsorted
 lengths, given or default states, weight scales that push gates toward saturation), FastBiLSTM
-matches nn.LSTM in outputs, final states and every gradient.
+matches nn.LSTM in outputs, final states and every gradient, on each CPU backend (the `backend`
+fixture).
 
 Profiles, chosen with the HYPOTHESIS_PROFILE environment variable:
   ci (default)  80 examples per test, derandomized: the same ones every run (~10-20 s, 2 cores)
@@ -21,13 +22,15 @@ rounding error follows the magnitude of the terms summed, not of each element:
 """
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from bilstm_fast import FastBiLSTM
+from helpers import forward_backward
 
 # database=None: nothing written into the checkout; a failure prints its example and a
 # @reproduce_failure blob to replay it
@@ -65,9 +68,9 @@ def configs(draw):
     return config
 
 
-def build(config):
-    """nn.LSTM (float64) and its FastBiLSTM copy (drawn dtype) with the same rounded weights,
-    and the (x, hx) of one call in the drawn dtype."""
+def build(config, backend="auto"):
+    """nn.LSTM (float64) and its FastBiLSTM copy (drawn dtype, on `backend`) with the same rounded
+    weights, and the (x, hx) of one call in the drawn dtype."""
     c, dtype = config, config["dtype"]
     torch.manual_seed(c["seed"])
     ref = nn.LSTM(c["I"], c["H"], num_layers=c["layers"], bias=c["bias"], batch_first=c["batch_first"],
@@ -75,7 +78,7 @@ def build(config):
     with torch.no_grad():
         for p in ref.parameters():
             p.mul_(c["weight_scale"])
-    fast = FastBiLSTM.from_lstm(ref).to(dtype)
+    fast = FastBiLSTM.from_lstm(ref, backend=backend).to(dtype)
     ref.load_state_dict(fast.state_dict())  # the rounded weights, back in float64
     g = torch.Generator().manual_seed(c["seed"])
     T, B, I, H = c["T"], c["B"], c["I"], c["H"]
@@ -90,9 +93,9 @@ def build(config):
     return ref, fast, x, hx
 
 
-def forward_backward(model, config, x, hx):
+def run(model, config, x, hx):
     """Outputs, final states and the gradients w.r.t. x, hx and every parameter, run in the
-    model's dtype."""
+    model's dtype (helpers.forward_backward on the drawn input layout)."""
     dtype = model.weight_ih_l0.dtype
     x = x.detach().to(dtype).requires_grad_()
     hx = None if hx is None else tuple(t.detach().to(dtype).requires_grad_() for t in hx)
@@ -100,13 +103,7 @@ def forward_backward(model, config, x, hx):
     if config["mode"].startswith("packed"):
         inp = pack_padded_sequence(x, torch.tensor(config["lengths"]), batch_first=config["batch_first"],
                                    enforce_sorted=config["mode"] == "packed-sorted")
-    out, (h_n, c_n) = model(inp, hx)
-    if isinstance(out, PackedSequence):
-        out = pad_packed_sequence(out, batch_first=config["batch_first"])[0]
-    # a different weight per output element, so a misplaced value or gradient cannot cancel
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-    loss = (out * weights).sum() + (h_n * 0.5).sum() + (c_n * c_n).sum()
-    return [out, h_n, c_n, *torch.autograd.grad(loss, [x, *(hx or ()), *model.parameters()])]
+    return forward_backward(model, inp, hx, leaves=[x, *(hx or ())])
 
 
 RELATIVE_TO_SCALE = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -122,30 +119,32 @@ def assert_matches(fast_results, ref_results, dtype):
                                    msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.slow
 @PROFILE
 @given(config=configs())
-def test_fast_bilstm_matches_nn_lstm(config):
+def test_fast_bilstm_matches_nn_lstm(config, backend):
     note(repr(config))
-    ref, fast, x, hx = build(config)
-    assert_matches(forward_backward(fast, config, x, hx), forward_backward(ref, config, x, hx), config["dtype"])
+    ref, fast, x, hx = build(config, backend)
+    assert_matches(run(fast, config, x, hx), run(ref, config, x, hx), config["dtype"])
 
 
+@pytest.mark.slow
 @PROFILE
 @given(config=configs(), noise_seed=st.integers(0, 2**31 - 1))
-def test_rows_of_a_batch_never_interact(config, noise_seed):
+def test_rows_of_a_batch_never_interact(config, noise_seed, backend):
     """Changing the other sequences' inputs leaves sequence 0's output, final states and input
     gradient bit-for-bit unchanged: a stride, offset or mask slip would leak between rows."""
     if config["mode"] == "unbatched" or config["B"] < 2:
         config = dict(config, mode="padded", B=3)
     config = dict(config, dtype=torch.float64)
     note(repr(config))
-    _, fast, x, hx = build(config)
+    _, fast, x, hx = build(config, backend)
     batch_dim = 0 if config["batch_first"] else 1
     others = torch.arange(1, config["B"])
     noise = torch.randn(x.index_select(batch_dim, others).shape, dtype=x.dtype,
                         generator=torch.Generator().manual_seed(noise_seed))
     changed = x.index_copy(batch_dim, others, noise)
-    first, second = forward_backward(fast, config, x, hx), forward_backward(fast, config, changed, hx)
+    first, second = run(fast, config, x, hx), run(fast, config, changed, hx)
     row0 = torch.tensor([0])
     # output and input gradient follow batch_first; h_n and c_n are always [L*D, B, H]
     for name, dim, a, b in zip(["output", "h_n", "c_n", "input grad"], [batch_dim, 1, 1, batch_dim], first, second):

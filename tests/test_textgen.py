@@ -92,6 +92,7 @@ def test_default_corpus_is_pyjokes():
 # --- training parity ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_losses_match_nn_lstm_B16_T4_H128_fp32(corpus):
     vocab, inputs, targets = corpus
     ref, fast = twin_models(len(vocab))
@@ -113,6 +114,7 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
+@pytest.mark.slow
 def test_cli_same_seed_trains_fast_and_torch_alike(tmp_path, capsys):
     data = tmp_path / "jokes.txt"
     data.write_text("\n".join(sentences(40)))

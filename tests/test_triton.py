@@ -21,7 +21,7 @@ import textwrap
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -33,23 +33,16 @@ from bilstm_fast import FastBiLSTM  # noqa: E402
 from bilstm_fast.kernels import triton_recurrence as tr  # noqa: E402
 from bilstm_fast.kernels import vectorized  # noqa: E402
 from bilstm_fast.kernels.reference import lstm_layer_reference  # noqa: E402
+from helpers import forward_backward, tol  # noqa: E402
 
 if not torch.cuda.is_available() and not tr.INTERPRET:
     tr = importlib.reload(tr)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-# Tolerances against the float64 reference fed the same rounded inputs; values are O(1).
-# fp32: 32-term dots and a few steps of gate math, each rounding 6e-8: a few ulps (3.7e-7 seen),
-#   within the project's 1e-5.
-# fp16: h, out and gates are stored in fp16 at every step (ulp 9.8e-4 at 1.0) and h feeds the
-#   next step: about one ulp seen (8.8e-4); 5e-3 is five ulps.
-# fp64: the same formulas in fp64, only reassociation (1e-15 seen).
-TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=5e-3, atol=5e-3),
-    torch.float64: dict(rtol=1e-10, atol=1e-12),
-}
+# Tolerances against the float64 reference fed the same rounded inputs: helpers.BACKEND_TOL["triton"]
+# (fp32 1e-5, fp16 5e-3, fp64 rtol 1e-10/atol 1e-12; why, beside the table).
+TOL = {dtype: tol(dtype, "triton") for dtype in (torch.float32, torch.float16, torch.float64)}
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.float64: "fp64"}
 
 # Every schedule that runs off-GPU, as (name, forced plan arguments). block_n=16 with H=20
@@ -83,8 +76,8 @@ EXTRA_SHAPES = [
 ]
 
 
-def lengths_for(T, B):
-    """Unsorted, with a full-length and (where T allows) a one-step sequence."""
+def fixed_lengths(T, B):
+    """The same lengths every time: unsorted, with a full-length and (where T allows) a one-step sequence."""
     if T == 1:
         return torch.tensor([1] * B)
     return torch.tensor({1: [T - 2], 3: [2, T, 1]}[B])
@@ -95,8 +88,12 @@ def shape_id(shape):
     return f"T{T}-B{B}-H{H}-D{D}-{DTYPE_NAMES[dtype]}" + ("-len" if with_lengths else "")
 
 
+# The larger shapes take 2-6 s a case in the interpreter on a 2-core CPU: marked slow, so the
+# inner loop (-m "not slow") keeps the small ones and the full suite runs all.
+SLOW_SHAPES = EXTRA_SHAPES + SHAPES[4:7]
+
 CASES = [
-    pytest.param(shape, name, id=f"{shape_id(shape)}-{name}")
+    pytest.param(shape, name, id=f"{shape_id(shape)}-{name}", marks=[pytest.mark.slow] * (shape in SLOW_SHAPES))
     for shape in SHAPES + EXTRA_SHAPES
     for name in SCHEDULES
 ]
@@ -132,7 +129,8 @@ def reference(gx, w_hh, h0, c0, lengths, dout, dh_n, dc_n):
     dx, dh0, dc0 = torch.autograd.grad(loss, (x, h0_, c0_))
     # the saved buffers (gates, cs) come from the vectorized path in float64
     _, _, _, gates, cs = vectorized.recurrence_forward(gx.double(), w_hh.double(), h0.double(), c0.double(), lengths)
-    return dict(out=out.view(T, B, D, -1), h_n=h_n, c_n=c_n, gates=gates, cs=cs, dgates=dx.view(T, B, D, G), dh0=dh0, dc0=dc0)
+    return dict(out=out.view(T, B, D, -1), h_n=h_n, c_n=c_n, gates=gates, cs=cs, dgates=dx.view(T, B, D, G),
+                dh0=dh0, dc0=dc0)
 
 
 def random_problem(T, B, H, with_lengths, D, dtype, seed=0):
@@ -146,14 +144,14 @@ def random_problem(T, B, H, with_lengths, D, dtype, seed=0):
         w_hh=rand(D, 4 * H, H, scale=0.5),
         h0=rand(D, B, H),
         c0=rand(D, B, H),
-        lengths=lengths_for(T, B).to(DEVICE) if with_lengths else None,
+        lengths=fixed_lengths(T, B).to(DEVICE) if with_lengths else None,
     )
     cotangents = dict(dout=rand(T, B, D, H), dh_n=rand(D, B, H), dc_n=rand(D, B, H))
     return problem, cotangents
 
 
-def valid_mask(lengths, T, B):
-    """[T, B, 1, 1] bool: t < lengths[b]."""
+def valid_steps(lengths, T, B):
+    """[T, B, 1, 1] bool on DEVICE: t < lengths[b] (all True without lengths), to mask [T, B, D, F] results."""
     if lengths is None:
         return torch.ones(T, B, 1, 1, dtype=torch.bool, device=DEVICE)
     return (torch.arange(T, device=DEVICE)[:, None] < lengths[None, :])[..., None, None]
@@ -161,9 +159,11 @@ def valid_mask(lengths, T, B):
 
 def assert_close(name, actual, expected, dtype):
     assert actual.device == DEVICE and not actual.isnan().any(), f"{name}: unwritten (NaN) elements"
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), **TOL[dtype], msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), **TOL[dtype],
+                               msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("shape, schedule", CASES)
 def test_forward_backward_match_reference(shape, schedule):
     T, B, H, with_lengths, D, dtype = shape
@@ -174,7 +174,7 @@ def test_forward_backward_match_reference(shape, schedule):
     out, h_n, c_n, gates, cs = tr.recurrence_forward(**problem, **plan)
     assert out.dtype == h_n.dtype == c_n.dtype == gates.dtype == dtype
     assert cs.dtype == tr.state_dtype(dtype)
-    valid = valid_mask(problem["lengths"], T, B)
+    valid = valid_steps(problem["lengths"], T, B)
     assert_close("out", out, ref["out"], dtype)
     assert torch.all(out.masked_select(~valid) == 0), "out must be zero past each sequence's end"
     assert_close("h_n", h_n, ref["h_n"], dtype)
@@ -194,7 +194,8 @@ def test_forward_backward_match_reference(shape, schedule):
     assert_close("dc0", dc0, ref["dc0"], dtype)
 
 
-@pytest.mark.parametrize("shape", [EXTRA_SHAPES[0], SHAPES[6]], ids=shape_id)
+@pytest.mark.interpreter
+@pytest.mark.parametrize("shape", [pytest.param(EXTRA_SHAPES[0], marks=pytest.mark.slow), SHAPES[6]], ids=shape_id)
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_forward_without_saving_gives_the_same_outputs(shape, schedule):
     """save=False (inference) only drops the gates/cs stores: bit-for-bit the same outputs."""
@@ -216,8 +217,10 @@ E2E = [  # (dtype, packed, tolerances)
 ]
 
 
-@pytest.mark.parametrize("dtype, packed, tol", E2E)
-def test_module_matches_nn_lstm(dtype, packed, tol):
+@pytest.mark.slow
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype, packed, tolerance", E2E)
+def test_module_matches_nn_lstm(dtype, packed, tolerance):
     T, B, I, H = 7, 3, 5, 12
     torch.manual_seed(0)
     lstm = nn.LSTM(I, H, num_layers=2, bidirectional=True, dtype=dtype, device=DEVICE)
@@ -230,18 +233,12 @@ def test_module_matches_nn_lstm(dtype, packed, tol):
     def run(model):
         xs, hs = x.clone().requires_grad_(), (h0.clone().requires_grad_(), c0.clone().requires_grad_())
         inp = pack_padded_sequence(xs, lengths, enforce_sorted=False) if packed else xs
-        out, (h_n, c_n) = model(inp, hs)
-        if packed:
-            out, _ = pad_packed_sequence(out)
-        weights = torch.linspace(-1, 1, out.numel(), dtype=dtype, device=DEVICE).view_as(out)
-        loss = (out * weights).sum() + (h_n * 0.5).sum() + (c_n * c_n).sum()
-        grads = torch.autograd.grad(loss, [xs, *hs, *model.parameters()])
-        return [out, h_n, c_n, *grads]
+        return forward_backward(model, inp, hs, leaves=[xs, *hs])
 
     names = ["out", "h_n", "c_n", "dx", "dh0", "dc0"] + [f"d{n}" for n, _ in lstm.named_parameters()]
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for name, got, want in zip(names, run(fast), run(lstm)):
-            torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(got, want, **tolerance, msg=lambda m: f"{name}: {m}")
 
 
 # --- schedule choice and precision switch ----------------------------------------------------
@@ -315,6 +312,7 @@ def test_on_chip_budget_depends_on_the_dot():
     assert not tr._slice_fits(1024, 16, torch.float16, "ieee")  # 128 KiB
 
 
+@pytest.mark.interpreter
 def test_forced_plan_applies_inside_the_block_only(monkeypatch):
     seen = []
     real = tr.plan_schedule
@@ -323,7 +321,8 @@ def test_forced_plan_applies_inside_the_block_only(monkeypatch):
     with tr.forced_plan("stepwise", block_n=16):
         tr.recurrence_forward(**problem)
     tr.recurrence_forward(**problem)
-    assert seen == [dict(schedule="stepwise", block_n=16, resident=None), dict(schedule=None, block_n=None, resident=None)]
+    assert seen == [dict(schedule="stepwise", block_n=16, resident=None),
+                    dict(schedule=None, block_n=None, resident=None)]
 
 
 def test_fp32_dot_precision_follows_cudnn_rnn_tf32_switch():
@@ -355,7 +354,8 @@ COMPILE_SCRIPT = textwrap.dedent(
     from bilstm_fast.kernels import triton_recurrence as tr
 
     FWD = ["p_gx", "p_w", "p_len", "p_hbuf", "p_c", "p_c0", "p_out", "p_gates", "p_cs", "p_hn", "p_sync"]
-    BWD = ["p_dout", "p_dhn", "p_w", "p_len", "p_gates", "p_cs", "p_c0", "p_dgbuf", "p_dc", "p_dh0", "p_dgates", "p_sync"]
+    BWD = ["p_dout", "p_dhn", "p_w", "p_len", "p_gates", "p_cs", "p_c0", "p_dgbuf", "p_dc", "p_dh0", "p_dgates",
+           "p_sync"]
     STATE = {"p_c", "p_c0", "p_cs", "p_dhn", "p_dc", "p_dh0"}
 
     def compile_kernel(kernel, names, extra, dtype, plan, sync, precision, cap):
@@ -386,6 +386,7 @@ COMPILE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     """The interpreter never compiles: build fwd/bwd for each schedule with Triton's bundled
     ptxas for sm_80/sm_90, as a GPU machine would (no GPU needed)."""

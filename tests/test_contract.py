@@ -1,0 +1,93 @@
+"""The recurrence contract (bilstm_fast/kernels/contract.py), checked on every CPU backend (the
+`backend` fixture): shapes, dtypes, fresh contiguous outputs, zeros past each sequence's end,
+padded steps masked by selection, and save=False giving the same bits. What the numbers must
+be is checked against the loop reference in test_function.py and test_parity.py.
+"""
+import pytest
+import torch
+
+from bilstm_fast.kernels import recurrence_module
+from bilstm_fast.kernels.contract import state_dtype
+
+# (T, B, H, D, lengths)
+CASES = [
+    (5, 3, 4, 2, [5, 1, 3]),
+    (4, 2, 3, 1, None),
+    (1, 1, 2, 2, [1]),
+]
+
+
+def case_id(case):
+    T, B, H, D, lengths = case
+    return f"T{T}-B{B}-H{H}-D{D}" + ("" if lengths is None else "-len")
+
+
+def problem(T, B, H, D, lengths, dtype):
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        gx=torch.randn(T, B, D, 4 * H, generator=g, dtype=dtype),
+        w_hh=torch.randn(D, 4 * H, H, generator=g, dtype=dtype) * 0.5,
+        h0=torch.randn(D, B, H, generator=g, dtype=dtype),
+        c0=torch.randn(D, B, H, generator=g, dtype=dtype),
+        lengths=None if lengths is None else torch.tensor(lengths),
+    )
+
+
+def past_end(lengths, T, B):
+    """[T, B] bool: t >= lengths[b]."""
+    if lengths is None:
+        return torch.zeros(T, B, dtype=torch.bool)
+    return torch.arange(T).unsqueeze(1) >= lengths.unsqueeze(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_shapes_dtypes_and_masking(case, dtype, backend):
+    T, B, H, D, lengths = case
+    rec = recurrence_module(backend)
+    p = problem(T, B, H, D, lengths, dtype)
+    inputs = list(p.values())
+    out, h_n, c_n, gates, cs = rec.recurrence_forward(**p)
+    assert out.shape == (T, B, D, H) and gates.shape == (T, B, D, 4 * H) and cs.shape == (T, B, D, H)
+    assert h_n.shape == c_n.shape == (D, B, H)
+    assert out.dtype == h_n.dtype == c_n.dtype == gates.dtype == dtype and cs.dtype == state_dtype(dtype)
+    pad = past_end(p["lengths"], T, B)
+    assert torch.all(out[pad] == 0)
+
+    dout = torch.randn_like(out)
+    dgates, dh0, dc0 = rec.recurrence_backward(dout, torch.randn_like(h_n), torch.randn_like(c_n), p["w_hh"],
+                                               gates, cs, p["c0"], p["lengths"])
+    assert dgates.shape == (T, B, D, 4 * H) and dgates.dtype == dtype
+    assert dh0.shape == dc0.shape == (D, B, H) and dh0.dtype == dc0.dtype == state_dtype(dtype)
+    assert torch.all(dgates[pad] == 0)
+
+    for name, t in zip(["out", "h_n", "c_n", "gates", "cs", "dgates", "dh0", "dc0"],
+                       [out, h_n, c_n, gates, cs, dgates, dh0, dc0]):
+        assert t.is_contiguous(), f"{name} is not contiguous"
+        shared = [x for x in inputs + [dout] if x is not None and x.untyped_storage().data_ptr()
+                  == t.untyped_storage().data_ptr()]
+        assert not shared, f"{name} shares storage with an input"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_inference_forward_keeps_nothing_and_gives_the_same_bits(case, backend):
+    rec = recurrence_module(backend)
+    p = problem(*case, torch.float32)
+    saved = rec.recurrence_forward(**p)
+    out, h_n, c_n, gates, cs = rec.recurrence_forward(**p, save=False)
+    assert gates is None and cs is None
+    for name, a, b in zip(("out", "h_n", "c_n"), saved, (out, h_n, c_n)):
+        assert torch.equal(a, b), name
+
+
+def test_padded_steps_are_masked_by_selection(backend):
+    """inf in the projections of padded steps must not turn into NaN (0 * inf) anywhere."""
+    T, B, H, D, lengths = CASES[0]
+    rec = recurrence_module(backend)
+    p = problem(T, B, H, D, lengths, torch.float32)
+    p["gx"][past_end(p["lengths"], T, B)] = float("inf")
+    out, h_n, c_n, gates, cs = rec.recurrence_forward(**p)
+    dgates, dh0, dc0 = rec.recurrence_backward(torch.ones_like(out), torch.ones_like(h_n), torch.ones_like(c_n),
+                                               p["w_hh"], gates, cs, p["c0"], p["lengths"])
+    for name, t in (("out", out), ("h_n", h_n), ("c_n", c_n), ("dgates", dgates), ("dh0", dh0), ("dc0", dc0)):
+        assert not t.isnan().any(), name
