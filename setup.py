@@ -77,7 +77,8 @@ def native_extension():
         extra_compile_args=flags,
         extra_link_args=["-fopenmp"],
     )
-    return dict(ext_modules=[ext], cmdclass={"build_ext": OptionalBuildExtension.with_options(no_python_abi_suffix=False)})
+    build_ext = OptionalBuildExtension.with_options(no_python_abi_suffix=False)
+    return dict(ext_modules=[ext], cmdclass={"build_ext": build_ext})
 
 
 setup(**PACKAGE, **native_extension())

@@ -38,6 +38,7 @@ This file is the command line; each module beside it has one job:
   load.py             the busy process of --loaded
 """
 import argparse
+import contextlib
 import datetime
 import os
 import sys
@@ -53,8 +54,6 @@ if __package__ in (None, ""):
     # Run as a script (or loaded from its path by the tests): make the package `benchmarks`
     # importable. Appended, so an installed bilstm_fast still wins over the checkout's.
     sys.path.append(str(Path(__file__).resolve().parents[1]))
-
-import contextlib  # noqa: E402
 
 import torch  # noqa: E402 (after the environment it reads)
 

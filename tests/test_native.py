@@ -23,7 +23,8 @@ from bilstm_fast import FastBiLSTM
 from bilstm_fast.kernels import native, resolve_backend, vectorized
 from helpers import TOL
 
-needs_native = pytest.mark.skipif(not native.available(), reason=f"native backend not built: {native.UNAVAILABLE_REASON}")
+needs_native = pytest.mark.skipif(not native.available(),
+                                  reason=f"native backend not built: {native.UNAVAILABLE_REASON}")
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 
 # (T, B, D, H, lengths): odd sizes, T=1, B=1, one and two directions, unsorted lengths with ties
@@ -67,7 +68,8 @@ def test_recurrence_matches_vectorized_float64(case, dtype):
     lens = None if lengths is None else torch.tensor(lengths)
     gx, w, h0, c0 = contract_inputs(T, B, D, H, dtype)
     g = torch.Generator().manual_seed(1)
-    dout, dh_n, dc_n = (torch.randn(*s, generator=g, dtype=torch.float64).to(dtype) for s in ((T, B, D, H), (D, B, H), (D, B, H)))
+    shapes = ((T, B, D, H), (D, B, H), (D, B, H))
+    dout, dh_n, dc_n = (torch.randn(*s, generator=g, dtype=torch.float64).to(dtype) for s in shapes)
     got = native.recurrence_forward(gx, w, h0, c0, lens)
     ref = vectorized.recurrence_forward(*(t.double() for t in (gx, w, h0, c0)), lens)
     tol = TOL[dtype]
@@ -246,7 +248,8 @@ def test_a_failed_compile_still_builds_the_package(tmp_path):
     env = dict(os.environ, CXX="false", CC="false")
     env.pop("BILSTM_FAST_NO_NATIVE", None)
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path / "dist"), str(src)],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
