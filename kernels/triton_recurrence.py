@@ -18,7 +18,7 @@ how they meet between steps:
               `tl.debug_barrier()` (bar.sync: the CTA's stores are visible to the whole CTA)
               between steps. No cross-program barrier, so it runs under TRITON_INTERPRET=1.
   persistent  (b) grid (batch tiles, chunks, D), all programs resident: each keeps its W_hh
-              slice (4 x [HP, BLOCK_N]) on chip across the whole time loop; the programs of one
+              slice (the four gates' [HP, BLOCK_N]) on chip across the whole time loop; the programs of one
               (batch tile, direction) group meet at a barrier on an atomic counter (release
               add, acquire spin) after each step. The grid is sized to the SM count and launched
               cooperatively where Triton offers it, so all programs are co-resident.
@@ -29,24 +29,12 @@ how they meet between steps:
 
 The step body has two ways to get W_hh (constexpr RESIDENT): resident, the slice loaded once
 before the time loop and the dot done over all of K at once; or streamed, W and h read in
-BLOCK_K chunks from L2 every step, which bounds registers whatever H is.
+BLOCK_K chunks from L2 every step, which bounds registers whatever H is. The forward does the
+four gates as one [BB, K] x [K, 4*BN] dot (W's columns interleaved per gate, the result split
+in registers), so its MMA tile is wide enough for every warp to do distinct work.
 
-Schedule chosen by shape (`plan_schedule`), HP = next_pow2(max(H, 16)) because tl.dot wants
-every dim >= 16 and tl.arange powers of two (batch tiles are padded to >= 16 rows the same way):
-  - HP <= 128: tile, 16 batch rows per program. W_hh is small and a step is little work: one
-    program per batch tile and direction needs no barrier at all. W_hh resident when
-    HP <= 64 (one chunk covers H), streamed in 32-wide chunks for HP = 128.
-  - HP > 128 on a GPU: persistent, batch tiles of up to 32 rows, BLOCK_N the smallest power of
-    two >= 16 such that D * batch_tiles * HP/BLOCK_N <= SM count, if the W slice 4*HP*BLOCK_N
-    fits the on-chip budget (64 KiB for tensor-core dots: fp16/bf16/TF32; 8K elements for IEEE
-    fp32, whose FMA dot replicates K per thread). Otherwise: tile with W streamed when the
-    D * cdiv(B, 16) 16-row tiles alone fill the SMs (no launch per step), else stepwise, whose
-    programs own 32-wide chunks (no barrier, so any grid size works) with the W slice resident
-    when it fits the same budget. The budgets and the 32-row limit on resident programs come
-    from ptxas -v on sm_90 (no spills with 8 warps); the thresholds between schedules are
-    first guesses, to be measured on a GPU (benchmarks/gpu_check.sh times every schedule).
-  - Off-GPU (interpreter) persistent runs only when each group is one program (its barrier
-    then never waits); the planner picks that for HP > 128, and stepwise can be forced.
+The planner (kernels/planner.py, `plan_schedule`) picks the schedule, block sizes and W_hh
+placement from the shape, the dtype and the GPU's SM count; its names stay importable from here.
 
 Reverse time and lengths: at step s row b of the direction that walks time backwards works on
 t = len_b - 1 - s while s < len_b (so it starts at its own last valid step, no flips); for
@@ -64,39 +52,50 @@ input dtype like the vectorized path does. fp32 dots are TF32 when cuDNN's RNN m
 otherwise. No atomics touch results: every element is written by exactly one program, in a
 fixed order, so results are bitwise reproducible. Offsets that scale with T*B go through int64.
 
-What the interpreter cannot show (only a GPU can):
-  - the persistent barrier with more than one program per group: memory ordering of the h
-    exchange (release/acquire on the counter plus .cg loads that bypass L1), residency of the
-    whole grid (cooperative launch refuses a grid that cannot be resident instead of hanging);
+What runs without a GPU: the plain interpreter runs every schedule with one program at a time;
+tests/test_triton_concurrent.py runs the persistent schedule with 2-8 programs per group, each
+program in its own thread (so the barrier opens), with stores held back until the next release
+atomic and programs skewed in time, and shows that planted barrier bugs fail it;
+benchmarks/compile_matrix.py compiles every plan for sm_80/sm_90 (registers, spills, shared
+memory, occupancy). What still only a GPU can show:
+  - the hardware memory model of the h exchange (the simulation is sequentially consistent
+    apart from the delayed stores: .cg loads, L1, the acquire side are not modelled), and
+    residency of the whole grid (cooperative launch refuses a grid that cannot be resident
+    instead of hanging);
   - races inside a CTA: the interpreter runs a program as one thread, so a missing
     `tl.debug_barrier()` between steps would go unnoticed there;
-  - register pressure and spills on hardware (ptxas was run offline for sm_80/sm_90 only), TF32
-    rounding (the interpreter's dot is plain fp32), bf16 (numpy has none), and of course speed
-    and the schedule thresholds above;
+  - the tensor cores' own TF32 arithmetic (tests/test_triton_tf32.py emulates TF32 and 3xTF32
+    operand rounding, not the hardware's accumulation), bf16 (numpy has none), and of course
+    speed and the schedule thresholds (benchmarks/step_model.py predicts the per-step time);
   - CUDA graph capture of the persistent schedule's cooperative launch, triton 3.6 (checked
     here with 3.8 only), and the launch overhead of stepwise's one launch per step.
 """
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-SCHEDULES = ("tile", "persistent", "stepwise")
-MIN_DOT = 16  # smallest M, N, K tl.dot accepts
-TILE_MAX_HP = 128  # padded H up to which one program walks all of H (tile schedule)
-TILE_RESIDENT_HP = 64  # ... and keeps all of W_hh on chip
-TILE_STREAM_BLOCK_N = 32  # hidden chunk of a tile program that streams W_hh
-STEPWISE_BLOCK_N = 32  # hidden chunk per program of the one-launch-per-step schedule
-RESIDENT_BLOCK_B = 32  # batch rows of a persistent (or resident stepwise) program
-STREAM_BLOCK_B = 64  # batch rows of a streaming stepwise program
-# On-chip W_hh slice budgets, from ptxas -v on sm_90 (no spills at these sizes with 8 warps):
-# tensor-core dots (fp16, bf16, TF32) hold 64 KiB; IEEE fp32 dots run on the FMA units, which
-# replicate the K extent per thread, so they hold far less.
-RESIDENT_BYTES_MMA = 64 * 1024
-RESIDENT_ELEMS_FMA = 8 * 1024
+from .planner import (  # noqa: F401  (re-exported: callers import the planner's names from here)
+    MIN_DOT,
+    RESIDENT_BLOCK_B,
+    RESIDENT_BYTES_MMA,
+    RESIDENT_ELEMS_FMA,
+    SCHEDULES,
+    STEPWISE_BLOCK_N,
+    STREAM_BLOCK_B,
+    TILE_MAX_HP,
+    TILE_RESIDENT_HP,
+    TILE_STREAM_BLOCK_N,
+    Plan,
+    _pow2_at_least,
+    _slice_fits,
+    _sm_count,
+    dot_precision,
+    plan_schedule,
+    rnn_allows_tf32,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -162,6 +161,28 @@ def _load_w_slice(p_w, o_k, o_n, H: tl.constexpr, BACKWARD: tl.constexpr):
 
 
 @triton.jit
+def _load_w_gates(p_w, o_k, o_n, H: tl.constexpr):
+    """The forward's W_hh^T slice for all four gates as one [K, 4*BN] block, columns interleaved
+    (column 4n + k holds gate k of hidden unit o_n[n]): one dot gives every gate, so the MMA
+    tile is 4x wider and the warps of a program each get distinct work (see _split_gates)."""
+    o_g = tl.arange(0, 4)
+    m_w = (o_k[:, None, None] < H) & (o_n[None, :, None] < H) & (o_g[None, None, :] < 4)
+    o_w = (o_g[None, None, :] * H + o_n[None, :, None]) * H + o_k[:, None, None]  # [K, BN, 4]
+    b_w = tl.load(p_w + o_w, mask=m_w, other=0.0)
+    return tl.reshape(b_w, [o_k.shape[0], 4 * o_n.shape[0]])
+
+
+@triton.jit
+def _split_gates(b_r, BLOCK_N: tl.constexpr):
+    """[BB, 4*BN] with interleaved columns (4n + k) -> the four [BB, BN] gate blocks i, f, g, o."""
+    b_r = tl.reshape(b_r, [b_r.shape[0], BLOCK_N, 2, 2])  # [BB, BN, k // 2, k % 2]
+    b_even, b_odd = tl.split(b_r)  # gates (i, g) and (f, o)
+    b_ri, b_rg = tl.split(b_even)
+    b_rf, b_ro = tl.split(b_odd)
+    return b_ri, b_rf, b_rg, b_ro
+
+
+@triton.jit
 def _group_barrier(p_count, target):
     """Wait until the group's counter reaches `target`; every program of the group adds 1 per step.
 
@@ -203,42 +224,33 @@ def _end_of_step(s, s_begin, s_end, p_sync, SYNC: tl.constexpr):
 
 @triton.jit
 def _fwd_recurrent(
-    s, i_d, B, o_b, m_b, o_n, p_hbuf, p_w_d, b_wi, b_wf, b_wg, b_wo,
+    s, i_d, B, o_b, m_b, o_n, p_hbuf, p_w_d, b_w,
     H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
     RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    """[BB, BN] x 4: h_{t-1} @ W_k^T for one chunk. h comes from the ping-pong half s % 2."""
+    """[BB, BN] x 4: h_{t-1} @ W_k^T for one chunk, as one [BB, 4*BN] dot split into the gates.
+    h comes from the ping-pong half s % 2; b_w is the resident [HP, 4*BN] slice (_load_w_gates)."""
     o_hrow = ((s % 2) * D + i_d) * B + o_b  # [BB] rows of the [2*D*B, H] buffer
     if RESIDENT:
         o_k = tl.arange(0, HP)
         m_h = m_b[:, None] & (o_k[None, :] < H)
         b_h = tl.load(p_hbuf + o_hrow[:, None] * H + o_k[None, :], mask=m_h, other=0.0, cache_modifier=".cg")
-        b_ri = tl.dot(b_h, b_wi, input_precision=DOT_PRECISION)
-        b_rf = tl.dot(b_h, b_wf, input_precision=DOT_PRECISION)
-        b_rg = tl.dot(b_h, b_wg, input_precision=DOT_PRECISION)
-        b_ro = tl.dot(b_h, b_wo, input_precision=DOT_PRECISION)
+        b_r = tl.dot(b_h, b_w, input_precision=DOT_PRECISION)
     else:
         # W streamed from L2 in K chunks: bounded registers whatever H is
-        b_ri = tl.full([o_b.shape[0], o_n.shape[0]], 0.0, ACC)
-        b_rf = tl.full([o_b.shape[0], o_n.shape[0]], 0.0, ACC)
-        b_rg = tl.full([o_b.shape[0], o_n.shape[0]], 0.0, ACC)
-        b_ro = tl.full([o_b.shape[0], o_n.shape[0]], 0.0, ACC)
+        b_r = tl.full([o_b.shape[0], 4 * o_n.shape[0]], 0.0, ACC)
         for k0 in range(0, HP, BLOCK_K):
             o_k = k0 + tl.arange(0, BLOCK_K)
             m_h = m_b[:, None] & (o_k[None, :] < H)
             b_h = tl.load(p_hbuf + o_hrow[:, None] * H + o_k[None, :], mask=m_h, other=0.0, cache_modifier=".cg")
-            b_ki, b_kf, b_kg, b_ko = _load_w_slice(p_w_d, o_k, o_n, H, False)
-            b_ri = tl.dot(b_h, b_ki, b_ri, input_precision=DOT_PRECISION)
-            b_rf = tl.dot(b_h, b_kf, b_rf, input_precision=DOT_PRECISION)
-            b_rg = tl.dot(b_h, b_kg, b_rg, input_precision=DOT_PRECISION)
-            b_ro = tl.dot(b_h, b_ko, b_ro, input_precision=DOT_PRECISION)
-    return b_ri, b_rf, b_rg, b_ro
+            b_r = tl.dot(b_h, _load_w_gates(p_w_d, o_k, o_n, H), b_r, input_precision=DOT_PRECISION)
+    return _split_gates(b_r, o_n.shape[0])
 
 
 @triton.jit
 def _fwd_step(
     s, T, B, i_d, o_b, m_b, b_len, o_n,
-    p_w_d, b_wi, b_wf, b_wg, b_wo,
+    p_w_d, b_w,
     p_gx, p_hbuf, p_c, p_c0, p_out, p_gates, p_cs, p_hn,
     H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
     RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, SAVE: tl.constexpr,
@@ -253,7 +265,7 @@ def _fwd_step(
     b_t = tl.where(b_valid & (i_d == 1), b_len - 1 - s, s).to(tl.int64)
     o_row = (b_t * B + o_b) * D + i_d  # [BB] rows of the [T*B*D, *] views
     b_ri, b_rf, b_rg, b_ro = _fwd_recurrent(
-        s, i_d, B, o_b, m_b, o_n, p_hbuf, p_w_d, b_wi, b_wf, b_wg, b_wo,
+        s, i_d, B, o_b, m_b, o_n, p_hbuf, p_w_d, b_w,
         H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION, ACC,
     )
     p_gx_row = p_gx + o_row[:, None] * (4 * H) + o_n[None, :]
@@ -307,15 +319,15 @@ def _lstm_fwd_kernel(
     if RESIDENT:
         # one chunk per program: its W_hh slice stays on chip for the whole time loop
         tl.static_assert(N_CHUNKS == 1)
-        b_wi, b_wf, b_wg, b_wo = _load_w_slice(p_w_d, tl.arange(0, HP), i_n * BLOCK_N + tl.arange(0, BLOCK_N), H, False)
+        b_w = _load_w_gates(p_w_d, tl.arange(0, HP), i_n * BLOCK_N + tl.arange(0, BLOCK_N), H)
     else:
-        b_wi, b_wf, b_wg, b_wo = None, None, None, None
+        b_w = None
     for s in range(s_begin, s_end):
         for j in range(N_CHUNKS):
             o_n = (i_n * N_CHUNKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
             _fwd_step(
                 s, T, B, i_d, o_b, m_b, b_len, o_n,
-                p_w_d, b_wi, b_wf, b_wg, b_wo,
+                p_w_d, b_w,
                 p_gx, p_hbuf, p_c, p_c0, p_out, p_gates, p_cs, p_hn,
                 H, HP, D, RESIDENT, BLOCK_K, DOT_PRECISION, ACC, SAVE,
             )
@@ -459,130 +471,6 @@ def _lstm_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Plan:
-    """How one recurrence call is laid out (see the schedule notes at the top of the file)."""
-
-    schedule: str
-    block_b: int  # batch rows per program (>= 16 for tl.dot)
-    block_n: int  # hidden units per chunk
-    hp: int  # H padded to a power of two >= 16
-    resident: bool  # W_hh slice loaded once before the time loop, else streamed per K chunk
-    block_k: int = 32  # K chunk when streaming
-    num_warps: int = 4
-
-    def grid(self, B, D):
-        chunk_programs = 1 if self.schedule == "tile" else self.hp // self.block_n
-        return (triton.cdiv(B, self.block_b), chunk_programs, D)
-
-    @property
-    def chunks_per_program(self):
-        return self.hp // self.block_n if self.schedule == "tile" else 1
-
-
-def _pow2_at_least(n, floor=MIN_DOT):
-    return max(floor, triton.next_power_of_2(n))
-
-
-def _sm_count(device):
-    if device.type != "cuda":
-        return 0
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _slice_fits(hp, block_n, dtype, precision):
-    elems = 4 * hp * block_n
-    if dtype == torch.float64 or (dtype == torch.float32 and precision == "ieee"):
-        return elems <= RESIDENT_ELEMS_FMA
-    return elems * torch.finfo(dtype).bits // 8 <= RESIDENT_BYTES_MMA
-
-
-def plan_schedule(B, D, H, dtype, device, schedule=None, block_n=None, resident=None):
-    """The Plan for a [*, B, D, 4H] recurrence. `schedule`, `block_n` and `resident` force a
-    choice (tests, benchmarks); the defaults follow the rules at the top of the file."""
-    if schedule is not None and schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    hp = _pow2_at_least(H)
-    if block_n is not None and (block_n < MIN_DOT or block_n & (block_n - 1) or block_n > hp):
-        raise ValueError(f"block_n must be a power of two in [{MIN_DOT}, {hp}], got {block_n}")
-    on_gpu = device.type == "cuda" and not INTERPRET
-    forced = schedule is not None
-    precision = dot_precision(dtype, device)
-    block_k = min(hp, 32)
-    if schedule is None:
-        schedule = "tile" if hp <= TILE_MAX_HP else "persistent"
-
-    if schedule == "tile":
-        if block_n is None:
-            block_n = hp if hp <= TILE_RESIDENT_HP else TILE_STREAM_BLOCK_N
-        if resident is None:
-            resident = block_n == hp and hp <= TILE_RESIDENT_HP
-        if resident and block_n != hp:
-            raise ValueError("a resident tile program holds all of W_hh: block_n must equal the padded H")
-        return Plan("tile", MIN_DOT, block_n, hp, resident, block_k, num_warps=4 if hp <= 32 else 8)
-
-    # batch rows per program: the [BLOCK_B, *] operand and gate tiles, with a resident W slice
-    # beside them, spill beyond 32 rows (ptxas, sm_90); streaming programs can take 64
-    block_b = min(_pow2_at_least(B), RESIDENT_BLOCK_B)
-    n_bt = triton.cdiv(B, block_b)
-    if schedule == "persistent":
-        explicit_block_n = block_n is not None
-        if block_n is None:
-            if on_gpu:
-                # the smallest chunks whose grid still fits the SMs: the least W_hh per program
-                block_n = MIN_DOT
-                while block_n < hp and D * n_bt * (hp // block_n) > _sm_count(device):
-                    block_n *= 2
-            else:
-                block_n = hp
-        n_members = hp // block_n
-        grid_fits = D * n_bt * n_members <= _sm_count(device)
-        slice_fits = _slice_fits(hp, block_n, dtype, precision)
-        if on_gpu and not (grid_fits and slice_fits):
-            if forced:
-                raise ValueError(f"persistent grid {D}x{n_bt}x{n_members} or its W_hh slice does not fit this GPU")
-            if D * triton.cdiv(B, MIN_DOT) >= _sm_count(device):
-                # enough batch tiles to fill the GPU on their own: no launch per step needed
-                return Plan("tile", MIN_DOT, TILE_STREAM_BLOCK_N, hp, False, block_k, num_warps=8)
-            schedule = "stepwise"
-            if not explicit_block_n:
-                block_n = None  # stepwise needs no co-residency: keep its chunks narrow
-        elif not on_gpu and n_members > 1:
-            # programs run one after another here: a multi-program barrier would never open
-            raise ValueError("off-GPU the persistent schedule needs one program per group; use stepwise")
-    if schedule == "persistent":
-        if resident is False:
-            raise ValueError("the persistent schedule always keeps its W_hh slice resident")
-        return Plan("persistent", block_b, block_n, hp, True, block_k, num_warps=8)
-    # stepwise: one launch per step, any number of programs
-    if block_n is None:
-        block_n = min(hp, STEPWISE_BLOCK_N)
-    if resident is None:
-        resident = _slice_fits(hp, block_n, dtype, precision)
-    if not resident:
-        block_b = min(_pow2_at_least(B), STREAM_BLOCK_B)
-    return Plan("stepwise", block_b, block_n, hp, resident, block_k, num_warps=8)
-
-
-def dot_precision(dtype, device):
-    """Input precision of the fp32 recurrent dot: follows cuDNN's RNN TF32 switch on CUDA."""
-    if dtype != torch.float32 or device.type != "cuda":
-        return "ieee"
-    return "tf32" if rnn_allows_tf32() else "ieee"
-
-
-def rnn_allows_tf32():
-    """Whether nn.LSTM's cuDNN path may use TF32 right now (new fp32_precision API first)."""
-    cudnn = torch.backends.cudnn
-    rnn = getattr(getattr(cudnn, "rnn", None), "fp32_precision", None)
-    if rnn is None:  # torch without the fp32_precision settings
-        return bool(cudnn.allow_tf32)
-    for precision in (rnn, getattr(cudnn, "fp32_precision", "none"), getattr(torch.backends, "fp32_precision", "none")):
-        if precision != "none":
-            return precision == "tf32"
-    return False
-
-
 def _check_device(t):
     if t.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
@@ -615,6 +503,7 @@ def forced_plan(schedule=None, block_n=None, resident=None):
 
 def _run(kernel, plan, T, B, D, n_steps, args, meta):
     """Launch `kernel` over steps 0..n_steps-1 with the plan's schedule."""
+    num_warps = plan.bwd_num_warps if kernel is _lstm_bwd_kernel else plan.num_warps
     grid = plan.grid(B, D)
     meta = dict(
         meta,
@@ -624,7 +513,7 @@ def _run(kernel, plan, T, B, D, n_steps, args, meta):
         BLOCK_K=plan.block_k,
         N_CHUNKS=plan.chunks_per_program,
         RESIDENT=plan.resident,
-        num_warps=plan.num_warps,
+        num_warps=num_warps,
     )
     device = args[0].device
     if plan.schedule == "persistent":
