@@ -16,7 +16,7 @@ from bilstm_fast.kernels.vectorized import state_dtype
 def recurrence_forward(
     gx: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Optional[Tensor], backend: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    rec = recurrence_module(resolve_backend(backend, gx.device))
+    rec = recurrence_module(resolve_backend(backend, gx.device, gx.dtype))
     return rec.recurrence_forward(gx, w_hh, h0, c0, lengths)
 
 
@@ -35,7 +35,7 @@ def recurrence_inference(
     gx: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Optional[Tensor], backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The forward when nothing needs a gradient: no gates or cell states kept for a backward."""
-    rec = recurrence_module(resolve_backend(backend, gx.device))
+    rec = recurrence_module(resolve_backend(backend, gx.device, gx.dtype))
     out, h_n, c_n, _, _ = rec.recurrence_forward(gx, w_hh, h0, c0, lengths, save=False)
     return out, h_n, c_n
 
@@ -59,7 +59,7 @@ def recurrence_backward(
     lengths: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    rec = recurrence_module(resolve_backend(backend, gates.device))
+    rec = recurrence_module(resolve_backend(backend, gates.device, gates.dtype))
     return rec.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths)
 
 
