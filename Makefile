@@ -28,8 +28,13 @@ setup: deps
 dev: deps
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 
+# The suite runs twice: with the native CPU backend (auto's choice where it is built), then the
+# parity, op, composition and native tests again on the fallback that a machine without a
+# compiler gets (BILSTM_FAST_NO_NATIVE=1 at run time: the vectorized backend, one warning).
 test: setup
 	PYTHONSAFEPATH=1 $(PYTHON) -m pytest  # import the installed package (the checkout itself after `make dev`)
+	BILSTM_FAST_NO_NATIVE=1 PYTHONSAFEPATH=1 $(PYTHON) -m pytest -q -W "ignore:bilstm_fast:RuntimeWarning" \
+		tests/test_parity.py tests/test_function.py tests/test_compose.py tests/test_native.py
 
 # The inner loop: everything but the tests marked slow (under a minute on a quiet 2-core CPU)
 test-fast: setup

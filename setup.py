@@ -1,4 +1,6 @@
+import os
 import re
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -9,7 +11,7 @@ VERSION = re.search(r'^__version__ = "([^"]+)"', INIT.read_text(encoding="utf-8"
 
 # `kernels/` ships as `bilstm_fast.kernels`: a different, widely installed distribution
 # already owns the top-level import name `kernels`.
-setup(
+PACKAGE = dict(
     name="bilstm-fast",
     version=VERSION,
     description="A drop-in, Triton-accelerated bidirectional LSTM for PyTorch",
@@ -27,3 +29,56 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6"],
     },
 )
+
+
+def native_extension():
+    """The native CPU recurrence (kernels/csrc), built ahead of time with torch's extension tooling.
+
+    Optional: BILSTM_FAST_NO_NATIVE=1 skips it, and a machine without torch at build time or
+    without a working C++ compiler still installs the package; FastBiLSTM then runs the
+    vectorized backend and says why in one warning. Needs `--no-build-isolation` (the Makefile
+    passes it) so that the build sees the installed torch.
+    """
+    if os.environ.get("BILSTM_FAST_NO_NATIVE", "") not in ("", "0"):
+        print("bilstm-fast: BILSTM_FAST_NO_NATIVE is set, not building the native CPU backend", file=sys.stderr)
+        return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError as exc:
+        print(f"bilstm-fast: torch not importable at build time ({exc}), not building the native CPU backend",
+              file=sys.stderr)
+        return {}
+
+    class OptionalBuildExtension(BuildExtension):
+        """A failed compile leaves the package without the extension instead of failing the install."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # compiler missing or broken: degrade, loudly
+                print(f"bilstm-fast: building the native CPU backend failed ({exc}); "
+                      "FastBiLSTM will use the vectorized backend", file=sys.stderr)
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                print(f"bilstm-fast: building {ext.name} failed ({exc}); "
+                      "FastBiLSTM will use the vectorized backend", file=sys.stderr)
+
+    # -fopenmp at compile time: without it at::parallel_for silently runs serially (and `omp simd`
+    # is ignored). -fno-trapping-math lets the compiler evaluate both sides of the activations'
+    # clamps (and their division) in vector lanes without AVX-512 masks: without it the AVX2 and
+    # baseline clones stay scalar. NaN and Inf still propagate as in torch (tested).
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    ext = CppExtension(
+        "bilstm_fast.kernels._native",
+        ["kernels/csrc/native_recurrence.cpp"],
+        extra_compile_args=flags,
+        extra_link_args=["-fopenmp"],
+    )
+    build_ext = OptionalBuildExtension.with_options(no_python_abi_suffix=False)
+    return dict(ext_modules=[ext], cmdclass={"build_ext": build_ext})
+
+
+setup(**PACKAGE, **native_extension())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from bilstm_fast.kernels import triton_available
+from bilstm_fast.kernels import native, triton_available
 
 from .implementations import lstm_engine
 
@@ -47,6 +47,7 @@ def machine_info(device):
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "native": native.simd_level() if native.available() else f"not available: {native.UNAVAILABLE_REASON}",
     }
     if triton_available():
         import triton
@@ -63,8 +64,10 @@ def machine_line(info):
     where = f"GPU {info['gpu']} (CUDA {info['cuda']}, cuDNN {info['cudnn']})" if info["device"] == "cuda" else "CPU"
     load = info.get("load_average_start")
     load_text = f", load avg {load[0]:.2f} at start" if load else ""
+    busy = f"; LOADED: {info['busy_process']}" if info.get("busy_process") else ""
     return (f"{where}; CPU {info['cpu']} ({info['cpu_cores']} cores, torch threads {info['torch_threads']}); "
-            f"torch {info['torch']}, triton {info['triton']}; nn.LSTM engine: {info['nn_lstm_engine']}{load_text}")
+            f"torch {info['torch']}, triton {info['triton']}; nn.LSTM engine: {info['nn_lstm_engine']}; "
+            f"native backend: {info.get('native')}{busy}{load_text}")
 
 
 def device_slug(info):

@@ -8,6 +8,7 @@
 Implementations (each checked against a float64 nn.LSTM before it is timed; a wrong one is
 reported as WRONG, never timed, and makes the run exit with status 1):
   fast-triton      FastBiLSTM(backend="triton"), CUDA only
+  fast-native      FastBiLSTM(backend="native"): the C++ CPU recurrence, where it is built
   fast-vectorized  FastBiLSTM(backend="vectorized")
   fast-<name>      one column for each backend bilstm_fast.kernels.available_backends(device) lists
   nn.LSTM          torch's own: cuDNN on a GPU, oneDNN on the CPU (the machine line says which)
@@ -20,6 +21,9 @@ with the implementations of a row sampled round-robin (a burst of load from othe
 them alike), triton.testing.do_bench on a GPU; warm-up excluded; median with 20%/80% quantiles;
 inputs drawn once per case from a seeded normal distribution and cycled through three draws.
 
+--loaded runs the selected shapes with a second, busy process pinned to one core throughout (load.py):
+the machine line and every row say so, and the files get a _loaded suffix.
+
 Outputs (under benchmarks/results/ or --out): <device>_<date>.json and .csv with every row and
 the machine line, and a .png bar chart of speedups against nn.LSTM (needs matplotlib). See
 benchmarks/NOTES.md for how to read the table and the floor arithmetic.
@@ -31,8 +35,10 @@ This file is the command line; each module beside it has one job:
   timing.py           samples, quantiles, the matmul rate           memory.py     peak memory
   machine.py          the machine line                              report.py     table, JSON/CSV/PNG
   mnist_epoch.py      MNIST seconds per epoch (--mnist)             schedules.py  Triton schedules (GPU)
+  load.py             the busy process of --loaded
 """
 import argparse
+import contextlib
 import datetime
 import os
 import sys
@@ -53,6 +59,7 @@ import torch  # noqa: E402 (after the environment it reads)
 
 from benchmarks.cases import run_case  # noqa: E402
 from benchmarks.implementations import Impl, default_impls  # noqa: E402, F401 (Impl: for callers of main)
+from benchmarks.load import BusyProcess  # noqa: E402
 from benchmarks.machine import device_slug, machine_info, machine_line  # noqa: E402
 from benchmarks.mnist_epoch import run_mnist  # noqa: E402
 from benchmarks.precision import DTYPES, Fp32Math, precisions  # noqa: E402
@@ -77,6 +84,8 @@ def parse_args(argv):
                    help="seconds of samples per row, at least 5 samples (default 0.5, 0.01 with --quick)")
     p.add_argument("--out", help="directory for the JSON/CSV/PNG files (default benchmarks/results)")
     p.add_argument("--no-files", action="store_true", help="print the table only")
+    p.add_argument("--loaded", action="store_true",
+                   help="run with a second, busy process pinned to one core (a shared machine)")
     p.add_argument("--mnist", action="store_true", help="also time MNIST training epochs end to end")
     p.add_argument("--mnist-only", action="store_true", help="only the MNIST end-to-end timing")
     p.add_argument("--mnist-steps", type=int,
@@ -114,6 +123,11 @@ def main(argv=None, impls=None):
 
 
 def run(args, impls):
+    with BusyProcess() if args.loaded else contextlib.nullcontext() as busy:
+        return run_timed(args, impls, busy)
+
+
+def run_timed(args, impls, busy):
     def log(text):
         print(text, flush=True)
 
@@ -130,6 +144,8 @@ def run(args, impls):
         impls = [i for i in impls if i.name in wanted]
     started = time.perf_counter()
     info = machine_info(device)
+    if busy is not None:
+        info["busy_process"] = busy.description
     log(machine_line(info))
     command = " ".join(a for a in sys.argv[1:] if not a.startswith("--out") and not os.path.isabs(a))
     result = {"machine": info, "command": "benchmarks/run.py " + command, "rows": [], "mnist": None}
@@ -147,7 +163,10 @@ def run(args, impls):
             for prec in precs:
                 log(f"{shape.label()} {prec.label()}{' [' + shape.note + ']' if shape.note else ''}")
                 case_start = time.perf_counter()
-                result["rows"] += run_case(shape, prec, impls, device, args, rates, log)
+                rows = run_case(shape, prec, impls, device, args, rates, log)
+                for row in rows:
+                    row["loaded"] = busy is not None
+                result["rows"] += rows
                 log(f"  [{time.perf_counter() - case_start:.0f} s]")
         if not all(r["correct"] and "error" not in r for r in result["rows"]):
             status = 1
@@ -175,6 +194,7 @@ def run(args, impls):
     if not args.no_files:
         stem = f"{device_slug(info)}_{datetime.date.today().isoformat()}" + ("_quick" if args.quick else "")
         stem += "_mnist" if args.mnist_only else ""
+        stem += "_loaded" if args.loaded else ""
         paths = write_outputs(result, Path(args.out) if args.out else RESULTS_DIR, stem, log)
         log("wrote " + ", ".join(p.name for p in paths.values()))
     log(f"total {info['seconds']:.0f} s")

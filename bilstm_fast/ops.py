@@ -17,15 +17,15 @@ from bilstm_fast.kernels import recurrence_module, resolve_backend
 from bilstm_fast.kernels.vectorized import state_dtype
 
 
-def _backend(backend, device, w_hr):
-    rec = recurrence_module(resolve_backend(backend, device))
+def _backend(backend, device, dtype, w_hr):
+    rec = recurrence_module(resolve_backend(backend, device, dtype))
     if w_hr is not None and not getattr(rec, "SUPPORTS_PROJECTION", False):
         rec = recurrence_module("vectorized")
     return rec
 
 
 def _forward(gx, w_hh, h0, c0, lengths, backend, w_hr, save):
-    rec = _backend(backend, gx.device, w_hr)
+    rec = _backend(backend, gx.device, gx.dtype, w_hr)
     if w_hr is None:  # the base contract, unchanged for backends without projection
         return rec.recurrence_forward(gx, w_hh, h0, c0, lengths, save=save)
     return rec.recurrence_forward(gx, w_hh, h0, c0, lengths, save=save, w_hr=w_hr)
@@ -86,7 +86,7 @@ def recurrence_backward(
 
 
 def _backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, backend, w_hr):
-    rec = _backend(backend, gates.device, w_hr)
+    rec = _backend(backend, gates.device, gates.dtype, w_hr)
     if w_hr is None:
         dgates, dh0, dc0 = rec.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths)
         return dgates, dh0, dc0, gates.new_empty(0)

@@ -22,6 +22,9 @@ open there. `concurrent_programs()` changes that for the launches inside the blo
     a buffer overwritten while another program still reads it, shows up as wrong values every
     run instead of when the OS scheduler happens to allow it. Every atomic also yields the GIL
     (sleep(0)), so spinning programs leave the working ones most of the CPU.
+  - The interpreter parses each @jit helper lazily, at its first call, and CPython's parser is
+    not thread-safe ("AST constructor recursion depth mismatch" when programs first reach a
+    helper together): that first parse is serialized by a lock.
   - A launch that does not finish within `timeout` seconds raises LaunchTimeout (an
     AssertionError): its threads are told to stop and raise at their next memory operation;
     they are daemon threads, so even a thread stuck elsewhere cannot keep pytest alive.
@@ -158,6 +161,7 @@ def _run_programs(fn, jobs, launch):
             errors[grid_idx] = "stopped"
         except BaseException as e:  # reported by the launching thread
             errors[grid_idx] = e
+            launch.stop.set()  # the others would wait for this program at the barrier until the timeout
         finally:
             _tls.program = None
 
@@ -198,6 +202,15 @@ class _ConcurrentGridExecutor(_interp.GridExecutor):
         self.fn = collect
 
 
+_rewrite_lock = threading.Lock()
+_unlocked_rewrite = _interp.InterpretedFunction.rewrite
+
+
+def _locked_rewrite(self):
+    with _rewrite_lock:
+        return _unlocked_rewrite(self)
+
+
 @contextmanager
 def concurrent_programs(timeout=60.0, delay_stores=False, skew=0.0, switch_interval=1e-3):
     """Inside the block, every interpreted launch runs its programs concurrently (see above).
@@ -213,12 +226,14 @@ def concurrent_programs(timeout=60.0, delay_stores=False, skew=0.0, switch_inter
     _active = launch
     builder.__class__ = _ThreadedBuilder
     _interp.GridExecutor = _ConcurrentGridExecutor
+    _interp.InterpretedFunction.rewrite = _locked_rewrite
     sys.setswitchinterval(switch_interval)  # finer interleaving of the programs' Python code
     try:
         yield launch
     finally:
         launch.stop.set()
         builder.__class__, _interp.GridExecutor = saved[0], saved[1]
+        _interp.InterpretedFunction.rewrite = _unlocked_rewrite
         sys.setswitchinterval(saved[2])
         builder.grid_idx = grid_idx
         _active = None

@@ -160,3 +160,34 @@ def test_implementation_that_raises_is_reported_and_the_run_goes_on(tmp_path, ca
     rows = {r["impl"]: r for r in json.loads(json_path.read_text())["rows"]}
     assert "kernel launch failed" in rows["broken"]["error"] and "median_ms" not in rows["broken"]
     assert rows["fast-vectorized"]["median_ms"] > 0
+
+
+def test_loaded_run_has_both_implementations_under_a_busy_process(tmp_path, capsys):
+    """--loaded: the rows are timed with a second process spinning on one core, which is gone
+    afterwards; the machine line and every row say so."""
+    import os
+
+    from benchmarks import load
+
+    started = []
+    real_enter = load.BusyProcess.__enter__
+
+    def enter(self):
+        started.append(real_enter(self))
+        return started[-1]
+
+    load.BusyProcess.__enter__ = enter
+    try:
+        status = run.main(["--quick", "--loaded", "--shapes", "mnist", "--modes", "inference", "--out", str(tmp_path)])
+    finally:
+        load.BusyProcess.__enter__ = real_enter
+    assert status == 0
+    assert "LOADED" in capsys.readouterr().out
+    (busy,) = started
+    assert busy.process.poll() is not None  # killed at the end
+    if hasattr(os, "sched_setaffinity"):
+        assert "pinned to core 0" in busy.description
+    (json_path,) = tmp_path.glob("*_quick_loaded.json")
+    rows = json.loads(json_path.read_text())["rows"]
+    assert {"nn.LSTM", "fast-vectorized"} <= {r["impl"] for r in rows}
+    assert all(r["loaded"] for r in rows)

@@ -1,0 +1,566 @@
+// Native CPU recurrence for one LSTM layer, all directions: the contract of kernels/vectorized.py.
+//
+// Schedule: one task per (direction, slice of batch rows); the tasks run concurrently in ONE
+// at::parallel_for (one fork/join per call) and each sweeps all of its steps alone, so no thread
+// waits for another inside the time loop. A step of a task is one GEMM through ATen
+// (at::mm_out: MKL or whatever BLAS this torch has; inside a parallel region it runs on the
+// calling thread) and one fused loop over the task's rows for the gate nonlinearities, the cell
+// and hidden update and every store (forward), or the gate gradients and state-gradient update
+// (backward).
+//
+// Lengths: each task keeps its rows sorted by length, longest first, in private contiguous state
+// buffers, so the rows still running at step t are a prefix and the GEMM covers exactly them.
+// Rows past their end are never computed; their outputs are written as the contract says.
+//
+// SIMD: the fused loops are compiled for several instruction sets with GCC function
+// multiversioning (target_clones); the loader picks the best one this CPU supports at run time,
+// so the extension never executes an instruction the CPU lacks.
+// Only the ATen pieces used here, not <torch/extension.h> (the whole C++ frontend): the build
+// takes a fraction of the time.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/core/LegacyTypeDispatch.h>  // AutoDispatchBelowADInplaceOrView
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(BILSTM_NO_CLONES)
+#define MULTI_TARGET __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MULTI_TARGET
+#endif
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+// The loops below read and write through many row pointers that never overlap; without this the
+// compiler gives up on vectorizing them (too many run-time alias checks) and runs them scalar.
+#define SIMD_LOOP _Pragma("omp simd")
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Activations. fp32: branch-free forms that the compiler vectorizes; NaN propagates (every clamp
+// is a comparison-select that lets NaN through), +-inf saturate as in torch.
+
+static ALWAYS_INLINE float bits_to_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+static ALWAYS_INLINE int32_t float_to_bits(float f) {
+  int32_t i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
+}
+
+// exp(x): Cephes' expf (range reduction by ln 2, degree-5 polynomial), within ~1 ulp.
+static ALWAYS_INLINE float exp_f32(float x) {
+  const float hi = 88.0f, lo = -87.33654475f;  // e^hi finite; e^lo ~ FLT_MIN (normal)
+  float xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  float t = xc * 1.44269504088896341f + magic;
+  int32_t ni = float_to_bits(t) - float_to_bits(magic);
+  float n = t - magic;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * (r * r) + r + 1.0f;
+  y = y * bits_to_float((ni + 127) << 23);
+  y = x > hi ? INFINITY : y;
+  y = x < lo ? 0.0f : y;
+  return y;
+}
+
+static ALWAYS_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+
+// tanh(x): the odd rational minimax approximation of degree 13/6 used by Eigen and MLAS, clamped
+// where tanh rounds to +-1 in fp32; odd, so small arguments keep their relative accuracy.
+static ALWAYS_INLINE float tanh_act(float x) {
+  const float lim = 7.90531110763549805f;
+  float xc = x > lim ? lim : x;
+  xc = xc < -lim ? -lim : xc;
+  float x2 = xc * xc;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  p = p * xc;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return p / q;
+}
+
+// fp64 is the exactness path: libm's exp and tanh.
+static ALWAYS_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+static ALWAYS_INLINE double tanh_act(double x) { return std::tanh(x); }
+
+// ---------------------------------------------------------------------------------------------
+// Fused per-step loops. Row r of a task is batch row rows[r]; row-major [.., H] state buffers
+// are indexed by r, the [T, B, D, F] tensors by rows[r] through a row stride.
+
+template <typename S>
+static ALWAYS_INLINE void forward_rows(
+    int64_t n, const int64_t* rows, int64_t H,
+    const S* __restrict__ gx, int64_t gx_rs,  // gx at (t, 0, d): row b at gx + b * gx_rs
+    const S* __restrict__ hw,                 // [n, 4H]: h_prev @ W_hh^T of this step
+    S* __restrict__ h, S* __restrict__ c,     // [n, H] states, updated in place
+    S* __restrict__ out, int64_t out_rs,      // out at (t, 0, d)
+    S* __restrict__ gates,                    // nullptr, or gates at (t, 0, d) (row stride gx_rs)
+    S* __restrict__ cs) {                     // nullptr, or cs at (t, 0, d) (row stride out_rs)
+  const int64_t G = 4 * H;
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t b = rows[r];
+    const S* __restrict__ x = gx + b * gx_rs;
+    const S* __restrict__ a = hw + r * G;
+    S* __restrict__ hr = h + r * H;
+    S* __restrict__ cr = c + r * H;
+    S* __restrict__ o_row = out + b * out_rs;
+    if (gates != nullptr) {
+      S* __restrict__ g_row = gates + b * gx_rs;
+      S* __restrict__ c_row = cs + b * out_rs;
+      SIMD_LOOP
+      for (int64_t j = 0; j < H; ++j) {
+        S i = sigmoid(x[j] + a[j]);
+        S f = sigmoid(x[H + j] + a[H + j]);
+        S g = tanh_act(x[2 * H + j] + a[2 * H + j]);
+        S o = sigmoid(x[3 * H + j] + a[3 * H + j]);
+        S cn = f * cr[j] + i * g;
+        S hn = o * tanh_act(cn);
+        g_row[j] = i;
+        g_row[H + j] = f;
+        g_row[2 * H + j] = g;
+        g_row[3 * H + j] = o;
+        c_row[j] = cn;
+        cr[j] = cn;
+        hr[j] = hn;
+        o_row[j] = hn;
+      }
+    } else {
+      SIMD_LOOP
+      for (int64_t j = 0; j < H; ++j) {
+        S i = sigmoid(x[j] + a[j]);
+        S f = sigmoid(x[H + j] + a[H + j]);
+        S g = tanh_act(x[2 * H + j] + a[2 * H + j]);
+        S o = sigmoid(x[3 * H + j] + a[3 * H + j]);
+        S cn = f * cr[j] + i * g;
+        S hn = o * tanh_act(cn);
+        cr[j] = cn;
+        hr[j] = hn;
+        o_row[j] = hn;
+      }
+    }
+  }
+}
+
+template <typename S>
+static ALWAYS_INLINE void backward_rows(
+    int64_t n, const int64_t* rows, int64_t H,
+    const S* __restrict__ dout, int64_t out_rs,     // dout at (t, 0, d); cs shares the layout
+    const S* __restrict__ gates, int64_t g_rs,      // saved activated gates at (t, 0, d)
+    const S* __restrict__ cs,                       // saved cell state at (t, 0, d)
+    const S* __restrict__ c_prev, int64_t cp_rs,    // previous cell state: cs at the previous step, or c0
+    S* __restrict__ dh,                             // [n, H] in: dL/dh after this step; consumed
+    S* __restrict__ dc,                             // [n, H] in/out: dL/dc after -> before this step
+    S* __restrict__ dg,                             // [n, 4H] out: gate gradients for the GEMM
+    S* __restrict__ dgates) {                       // dgates at (t, 0, d) (row stride g_rs)
+  const int64_t G = 4 * H;
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t b = rows[r];
+    const S* __restrict__ a = gates + b * g_rs;
+    const S* __restrict__ cr = cs + b * out_rs;
+    const S* __restrict__ cp = c_prev + b * cp_rs;
+    const S* __restrict__ dor = dout + b * out_rs;
+    S* __restrict__ dhr = dh + r * H;
+    S* __restrict__ dcr = dc + r * H;
+    S* __restrict__ dgr = dg + r * G;
+    S* __restrict__ dgo = dgates + b * g_rs;
+    SIMD_LOOP
+    for (int64_t j = 0; j < H; ++j) {
+      S i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
+      S tc = tanh_act(cr[j]);
+      S dht = dhr[j] + dor[j];
+      S dct = dcr[j] + dht * o * (S(1) - tc * tc);
+      S di = dct * g * (i * (S(1) - i));
+      S df = dct * cp[j] * (f * (S(1) - f));
+      S dgg = dct * i * (S(1) - g * g);
+      S d_o = dht * tc * (o * (S(1) - o));
+      dcr[j] = dct * f;
+      dgr[j] = di;
+      dgr[H + j] = df;
+      dgr[2 * H + j] = dgg;
+      dgr[3 * H + j] = d_o;
+      dgo[j] = di;
+      dgo[H + j] = df;
+      dgo[2 * H + j] = dgg;
+      dgo[3 * H + j] = d_o;
+    }
+  }
+}
+
+// The multiversioned entry points (target_clones wants plain functions, not templates).
+MULTI_TARGET void forward_rows_f32(int64_t n, const int64_t* rows, int64_t H, const float* gx, int64_t gx_rs,
+                                   const float* hw, float* h, float* c, float* out, int64_t out_rs,
+                                   float* gates, float* cs) {
+  forward_rows<float>(n, rows, H, gx, gx_rs, hw, h, c, out, out_rs, gates, cs);
+}
+MULTI_TARGET void forward_rows_f64(int64_t n, const int64_t* rows, int64_t H, const double* gx, int64_t gx_rs,
+                                   const double* hw, double* h, double* c, double* out, int64_t out_rs,
+                                   double* gates, double* cs) {
+  forward_rows<double>(n, rows, H, gx, gx_rs, hw, h, c, out, out_rs, gates, cs);
+}
+MULTI_TARGET void backward_rows_f32(int64_t n, const int64_t* rows, int64_t H, const float* dout, int64_t out_rs,
+                                    const float* gates, int64_t g_rs, const float* cs, const float* c_prev,
+                                    int64_t cp_rs, float* dh, float* dc, float* dg, float* dgates) {
+  backward_rows<float>(n, rows, H, dout, out_rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, dgates);
+}
+MULTI_TARGET void backward_rows_f64(int64_t n, const int64_t* rows, int64_t H, const double* dout, int64_t out_rs,
+                                    const double* gates, int64_t g_rs, const double* cs, const double* c_prev,
+                                    int64_t cp_rs, double* dh, double* dc, double* dg, double* dgates) {
+  backward_rows<double>(n, rows, H, dout, out_rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, dgates);
+}
+
+static void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const float* gx, int64_t gx_rs,
+                             const float* hw, float* h, float* c, float* out, int64_t out_rs, float* gates,
+                             float* cs) {
+  forward_rows_f32(n, rows, H, gx, gx_rs, hw, h, c, out, out_rs, gates, cs);
+}
+static void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const double* gx, int64_t gx_rs,
+                             const double* hw, double* h, double* c, double* out, int64_t out_rs, double* gates,
+                             double* cs) {
+  forward_rows_f64(n, rows, H, gx, gx_rs, hw, h, c, out, out_rs, gates, cs);
+}
+static void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const float* dout, int64_t out_rs,
+                              const float* gates, int64_t g_rs, const float* cs, const float* c_prev, int64_t cp_rs,
+                              float* dh, float* dc, float* dg, float* dgates) {
+  backward_rows_f32(n, rows, H, dout, out_rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, dgates);
+}
+static void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const double* dout, int64_t out_rs,
+                              const double* gates, int64_t g_rs, const double* cs, const double* c_prev,
+                              int64_t cp_rs, double* dh, double* dc, double* dg, double* dgates) {
+  backward_rows_f64(n, rows, H, dout, out_rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, dgates);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Work split.
+
+struct Task {
+  int64_t d;                  // direction: 0 runs t = 0..T-1, 1 runs t = T-1..0
+  std::vector<int64_t> rows;  // batch rows, longest sequence first
+};
+
+// Rows per batch slice below which splitting a direction further does not pay (each slice's
+// GEMM reads all of W_hh for fewer rows). A first guess, not yet measured on a quiet machine:
+// BILSTM_FAST_NATIVE_MIN_ROWS overrides it (a huge value: never split, one task per direction).
+static int64_t min_rows_per_slice() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("BILSTM_FAST_NATIVE_MIN_ROWS");
+    const long long parsed = env != nullptr ? std::atoll(env) : 0;
+    return parsed > 0 ? static_cast<int64_t>(parsed) : int64_t{8};
+  }();
+  return value;
+}
+
+static std::vector<int64_t> lengths_vector(const c10::optional<at::Tensor>& lengths, int64_t B, int64_t T) {
+  std::vector<int64_t> len(B, T);
+  if (lengths.has_value() && lengths->defined()) {
+    at::Tensor l = lengths->to(at::kCPU, at::kLong).contiguous();
+    TORCH_CHECK(l.numel() == B, "lengths must have B entries");
+    const int64_t* p = l.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(p[b] >= 1 && p[b] <= T, "lengths must lie in [1, T]");
+      len[b] = p[b];
+    }
+  }
+  return len;
+}
+
+// One task per (direction, batch slice). The slices deal the length-sorted rows round-robin,
+// so every slice stays sorted and gets a fair share of long and short sequences.
+static std::vector<Task> make_tasks(const std::vector<int64_t>& len, int64_t D) {
+  const int64_t B = static_cast<int64_t>(len.size());
+  std::vector<int64_t> order(B);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return len[a] > len[b]; });
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t slices = std::max<int64_t>(1, threads / D);
+  slices = std::min<int64_t>(slices, std::max<int64_t>(1, B / min_rows_per_slice()));
+  std::vector<Task> tasks;
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t k = 0; k < slices; ++k) {
+      Task task{d, {}};
+      for (int64_t r = k; r < B; r += slices) task.rows.push_back(order[r]);
+      if (!task.rows.empty()) tasks.push_back(std::move(task));
+    }
+  }
+  return tasks;
+}
+
+// Rows of a task still running at time t: a prefix, since the rows are sorted by length.
+static int64_t active_rows(const Task& task, const std::vector<int64_t>& len, int64_t t, int64_t n_prev) {
+  int64_t n = n_prev;
+  while (n > 0 && len[task.rows[n - 1]] <= t) --n;
+  while (n < static_cast<int64_t>(task.rows.size()) && len[task.rows[n]] > t) ++n;
+  return n;
+}
+
+template <typename Fn>
+static void run_tasks(int64_t n_tasks, const Fn& fn) {
+  // One fork/join for the whole call. Below autograd: the ATen calls inside are plain kernels.
+  at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    for (int64_t k = begin; k < end; ++k) fn(k);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+template <typename S>
+static void forward_impl(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+                         const std::vector<int64_t>& len, bool save, at::Tensor& out, at::Tensor& h_n,
+                         at::Tensor& c_n, at::Tensor& gates, at::Tensor& cs) {
+  const int64_t T = gx.size(0), B = gx.size(1), D = gx.size(2), G = gx.size(3), H = G / 4;
+  const int64_t gx_rs = D * G, out_rs = D * H;  // row (batch) strides
+  const int64_t gx_ts = B * gx_rs, out_ts = B * out_rs;
+  const S* gx_p = gx.data_ptr<S>();
+  S* out_p = out.data_ptr<S>();
+  S* gates_p = save ? gates.data_ptr<S>() : nullptr;
+  S* cs_p = save ? cs.data_ptr<S>() : nullptr;
+  const S* h0_p = h0.data_ptr<S>();
+  const S* c0_p = c0.data_ptr<S>();
+  S* hn_p = h_n.data_ptr<S>();
+  S* cn_p = c_n.data_ptr<S>();
+  // W_hh^T as a contiguous [H, 4H] matrix: the GEMM runs faster on it than on the transposed view
+  // (MKL, measured in benchmarks/NOTES.md), worth its copy unless the call is a step or two.
+  const bool copy_wt = T > 2;
+  std::vector<Task> tasks = make_tasks(len, D);
+  run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t k) {
+    const Task& task = tasks[k];
+    const int64_t d = task.d, nr = static_cast<int64_t>(task.rows.size());
+    const int64_t* rows = task.rows.data();
+    at::Tensor wt = copy_wt ? w_hh[d].t().contiguous() : w_hh[d].t();
+    // task-private state, allocated on the thread that uses it: h [nr, H], c [nr, H], hw [nr, 4H]
+    at::Tensor h = at::empty({nr, H}, gx.options());
+    at::Tensor c = at::empty({nr, H}, gx.options());
+    at::Tensor hw = at::empty({nr, G}, gx.options());
+    S* h_p = h.data_ptr<S>();
+    S* c_p = c.data_ptr<S>();
+    for (int64_t r = 0; r < nr; ++r) {
+      std::memcpy(h_p + r * H, h0_p + (d * B + rows[r]) * H, H * sizeof(S));
+      std::memcpy(c_p + r * H, c0_p + (d * B + rows[r]) * H, H * sizeof(S));
+    }
+    int64_t n = nr;
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = d == 0 ? s : T - 1 - s;
+      n = active_rows(task, len, t, n);
+      if (n > 0) {
+        at::Tensor hw_n = hw.narrow(0, 0, n);
+        at::mm_out(hw_n, h.narrow(0, 0, n), wt);
+        forward_rows_any(n, rows, H, gx_p + t * gx_ts + d * G, gx_rs, hw.data_ptr<S>(), h_p, c_p,
+                         out_p + t * out_ts + d * H, out_rs, save ? gates_p + t * gx_ts + d * G : nullptr,
+                         save ? cs_p + t * out_ts + d * H : nullptr);
+      }
+      // rows past their end (t >= len): zero output; the saved cell state carries the state
+      // (the final one going forward, c0 going back); the gates are never read there
+      for (int64_t r = n; r < nr; ++r) {
+        const int64_t b = rows[r];
+        std::memset(out_p + t * out_ts + b * out_rs + d * H, 0, H * sizeof(S));
+        if (save) {
+          std::memcpy(cs_p + t * out_ts + b * out_rs + d * H, c_p + r * H, H * sizeof(S));
+          std::memset(gates_p + t * gx_ts + b * gx_rs + d * G, 0, G * sizeof(S));
+        }
+      }
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      std::memcpy(hn_p + (d * B + rows[r]) * H, h_p + r * H, H * sizeof(S));
+      std::memcpy(cn_p + (d * B + rows[r]) * H, c_p + r * H, H * sizeof(S));
+    }
+  });
+}
+
+static void check_inputs(const at::Tensor& gx, const at::Tensor& w_hh) {
+  TORCH_CHECK(gx.device().is_cpu(), "native recurrence: CPU tensors only");
+  TORCH_CHECK(gx.dim() == 4 && gx.size(3) % 4 == 0, "native recurrence: gx must be [T, B, D, 4H]");
+  TORCH_CHECK(gx.scalar_type() == at::kFloat || gx.scalar_type() == at::kDouble,
+              "native recurrence: float32 or float64 only");
+  const int64_t D = gx.size(2), G = gx.size(3);
+  TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(0) == D && w_hh.size(1) == G && w_hh.size(2) == G / 4,
+              "native recurrence: w_hh must be [D, 4H, H]");
+}
+
+std::vector<at::Tensor> recurrence_forward(const at::Tensor& gx_in, const at::Tensor& w_hh_in, const at::Tensor& h0_in,
+                                           const at::Tensor& c0_in, const c10::optional<at::Tensor>& lengths,
+                                           bool save) {
+  check_inputs(gx_in, w_hh_in);
+  const auto opts = gx_in.options();
+  at::Tensor gx = gx_in.contiguous();
+  at::Tensor w_hh = w_hh_in.to(opts.dtype()).contiguous();
+  at::Tensor h0 = h0_in.to(opts.dtype()).contiguous();
+  at::Tensor c0 = c0_in.to(opts.dtype()).contiguous();
+  const int64_t T = gx.size(0), B = gx.size(1), D = gx.size(2), G = gx.size(3), H = G / 4;
+  at::Tensor out = at::empty({T, B, D, H}, opts);
+  at::Tensor h_n = at::empty({D, B, H}, opts);
+  at::Tensor c_n = at::empty({D, B, H}, opts);
+  at::Tensor gates, cs;
+  if (save) {
+    gates = at::empty({T, B, D, G}, opts);
+    cs = at::empty({T, B, D, H}, opts);
+  }
+  if (T > 0 && B > 0 && H > 0) {
+    const std::vector<int64_t> len = lengths_vector(lengths, B, T);
+    if (gx.scalar_type() == at::kFloat)
+      forward_impl<float>(gx, w_hh, h0, c0, len, save, out, h_n, c_n, gates, cs);
+    else
+      forward_impl<double>(gx, w_hh, h0, c0, len, save, out, h_n, c_n, gates, cs);
+  } else {
+    h_n.copy_(h0);
+    c_n.copy_(c0);
+  }
+  return {out, h_n, c_n, gates, cs};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+template <typename S>
+static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const at::Tensor& dc_n,
+                          const at::Tensor& w_hh, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& c0,
+                          const std::vector<int64_t>& len, at::Tensor& dgates, at::Tensor& dh0, at::Tensor& dc0) {
+  const int64_t T = gates.size(0), B = gates.size(1), D = gates.size(2), G = gates.size(3), H = G / 4;
+  const int64_t g_rs = D * G, out_rs = D * H, g_ts = B * g_rs, out_ts = B * out_rs;
+  const S* dout_p = dout.data_ptr<S>();
+  const S* gates_p = gates.data_ptr<S>();
+  const S* cs_p = cs.data_ptr<S>();
+  const S* c0_p = c0.data_ptr<S>();
+  const S* dhn_p = dh_n.data_ptr<S>();
+  const S* dcn_p = dc_n.data_ptr<S>();
+  S* dgates_p = dgates.data_ptr<S>();
+  S* dh0_p = dh0.data_ptr<S>();
+  S* dc0_p = dc0.data_ptr<S>();
+  std::vector<Task> tasks = make_tasks(len, D);
+  run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t k) {
+    const Task& task = tasks[k];
+    const int64_t d = task.d, nr = static_cast<int64_t>(task.rows.size());
+    const int64_t* rows = task.rows.data();
+    at::Tensor w = w_hh[d];  // [4H, H]: dh_prev = dgates @ W_hh
+    at::Tensor dh = at::empty({nr, H}, gates.options());
+    at::Tensor dc = at::empty({nr, H}, gates.options());
+    at::Tensor dg = at::empty({nr, G}, gates.options());
+    S* dh_p = dh.data_ptr<S>();
+    S* dc_p = dc.data_ptr<S>();
+    for (int64_t r = 0; r < nr; ++r) {
+      std::memcpy(dh_p + r * H, dhn_p + (d * B + rows[r]) * H, H * sizeof(S));
+      std::memcpy(dc_p + r * H, dcn_p + (d * B + rows[r]) * H, H * sizeof(S));
+    }
+    int64_t n = 0;
+    for (int64_t s = T - 1; s >= 0; --s) {  // the forward's steps, last first
+      const int64_t t = d == 0 ? s : T - 1 - s;
+      n = active_rows(task, len, t, n);
+      if (n > 0) {
+        const S* c_prev;
+        int64_t cp_rs;
+        if (s == 0) {
+          c_prev = c0_p + d * B * H;
+          cp_rs = H;
+        } else {  // the neighbouring saved state: for a sequence starting at len-1 going back, c0
+          const int64_t tp = d == 0 ? t - 1 : t + 1;
+          c_prev = cs_p + tp * out_ts + d * H;
+          cp_rs = out_rs;
+        }
+        backward_rows_any(n, rows, H, dout_p + t * out_ts + d * H, out_rs, gates_p + t * g_ts + d * G, g_rs,
+                          cs_p + t * out_ts + d * H, c_prev, cp_rs, dh_p, dc_p, dg.data_ptr<S>(),
+                          dgates_p + t * g_ts + d * G);
+        at::Tensor dh_n_rows = dh.narrow(0, 0, n);
+        at::mm_out(dh_n_rows, dg.narrow(0, 0, n), w);
+      }
+      // rows past their end: no gate gradient; the state gradients pass through untouched
+      for (int64_t r = n; r < nr; ++r)
+        std::memset(dgates_p + t * g_ts + rows[r] * g_rs + d * G, 0, G * sizeof(S));
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      std::memcpy(dh0_p + (d * B + rows[r]) * H, dh_p + r * H, H * sizeof(S));
+      std::memcpy(dc0_p + (d * B + rows[r]) * H, dc_p + r * H, H * sizeof(S));
+    }
+  });
+}
+
+std::vector<at::Tensor> recurrence_backward(const at::Tensor& dout_in, const at::Tensor& dh_n_in,
+                                            const at::Tensor& dc_n_in, const at::Tensor& w_hh_in,
+                                            const at::Tensor& gates_in, const at::Tensor& cs_in,
+                                            const at::Tensor& c0_in, const c10::optional<at::Tensor>& lengths) {
+  check_inputs(gates_in, w_hh_in);
+  const auto opts = gates_in.options();
+  const auto dt = opts.dtype();
+  at::Tensor gates = gates_in.contiguous();
+  at::Tensor cs = cs_in.to(dt).contiguous();
+  at::Tensor dout = dout_in.to(dt).contiguous();
+  at::Tensor dh_n = dh_n_in.to(dt).contiguous();
+  at::Tensor dc_n = dc_n_in.to(dt).contiguous();
+  at::Tensor w_hh = w_hh_in.to(dt).contiguous();
+  at::Tensor c0 = c0_in.to(dt).contiguous();
+  const int64_t T = gates.size(0), B = gates.size(1), D = gates.size(2), G = gates.size(3), H = G / 4;
+  at::Tensor dgates = at::empty({T, B, D, G}, opts);
+  at::Tensor dh0 = at::empty({D, B, H}, opts);
+  at::Tensor dc0 = at::empty({D, B, H}, opts);
+  if (T > 0 && B > 0 && H > 0) {
+    const std::vector<int64_t> len = lengths_vector(lengths, B, T);
+    if (gates.scalar_type() == at::kFloat)
+      backward_impl<float>(dout, dh_n, dc_n, w_hh, gates, cs, c0, len, dgates, dh0, dc0);
+    else
+      backward_impl<double>(dout, dh_n, dc_n, w_hh, gates, cs, c0, len, dgates, dh0, dc0);
+  } else {
+    dgates.zero_();
+    dh0.copy_(dh_n);
+    dc0.copy_(dc_n);
+  }
+  return {dgates, dh0, dc0};
+}
+
+// Which clone of the fused loops the loader picked on this CPU (for the benchmark's machine line).
+std::string simd_level() {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(BILSTM_NO_CLONES)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2+FMA)";
+  return "x86-64 baseline";
+#else
+  return "compiler default";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "bilstm_fast native CPU recurrence (see kernels/native.py)";
+  m.def("recurrence_forward", &recurrence_forward, "forward sweep of one layer, all directions",
+        py::arg("gx"), py::arg("w_hh"), py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("save"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("recurrence_backward", &recurrence_backward, "backward sweep of one layer, all directions",
+        py::arg("dout"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"), py::arg("cs"),
+        py::arg("c0"), py::arg("lengths"), py::call_guard<py::gil_scoped_release>());
+  m.def("simd_level", &simd_level, "the instruction-set level the fused loops run at on this CPU");
+  m.def("openmp", []() {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  }, "whether the extension was compiled with OpenMP (without it at::parallel_for runs serially)");
+}

@@ -1,0 +1,55 @@
+"""Native CPU recurrence: the C++ extension `_native` (kernels/csrc/native_recurrence.cpp), built
+ahead of time by setup.py. The recurrence contract of kernels/contract.py, for fp32 and fp64 CPU tensors.
+
+Each direction of a layer (and, with more threads than directions, each slice of batch rows) is
+one task; all tasks run at once in one fork/join per call and sweep their steps without waiting
+for each other. A step is one GEMM (ATen's mm: MKL where torch has it) and one fused SIMD loop for
+the gate math, the cell and hidden update and every store. See the C++ file for the details.
+
+Results are bitwise identical run to run at a given thread count. Across thread counts they can
+differ in the last bits when the batch split changes (a different number of rows per GEMM).
+"""
+import os
+
+import torch
+
+
+def _load():
+    """(the compiled module or None, why it is not available)."""
+    if os.environ.get("BILSTM_FAST_NO_NATIVE", "") not in ("", "0"):
+        return None, "BILSTM_FAST_NO_NATIVE is set"
+    try:
+        from bilstm_fast.kernels import _native
+    except ImportError as exc:  # not built (no compiler at install time) or not loadable here
+        return None, f"the compiled extension bilstm_fast.kernels._native did not import ({exc})"
+    return _native, None
+
+
+_native, UNAVAILABLE_REASON = _load()
+
+DTYPES = (torch.float32, torch.float64)
+
+
+def available():
+    """Whether the compiled extension loaded."""
+    return _native is not None
+
+
+def supports(device, dtype):
+    """Whether this backend runs tensors of this device and dtype."""
+    return available() and device.type == "cpu" and dtype in DTYPES
+
+
+def simd_level():
+    return _native.simd_level() if _native is not None else None
+
+
+def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True):
+    out, h_n, c_n, gates, cs = _native.recurrence_forward(gx, w_hh, h0, c0, lengths, save)
+    if not save:
+        gates = cs = None
+    return out, h_n, c_n, gates, cs
+
+
+def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None):
+    return tuple(_native.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths))
