@@ -13,9 +13,6 @@ up to 5.5, and nn.LSTM's own fp32 result is 9.4e-7 from the float64 one (FastBiL
 so two fp32 results may differ by ~1.5e-6 on a small element of it.
 """
 import os
-import sys
-import types
-import unittest
 
 import pytest
 import torch
@@ -23,12 +20,6 @@ from torch import nn
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend runs interpreted on CPU
-
-try:
-    import expecttest  # noqa: F401  (torch.testing._internal imports it for its TestCase base)
-except ImportError:
-    # only its TestCase is needed to import common_modules; nothing here uses expect-testing
-    sys.modules["expecttest"] = types.SimpleNamespace(TestCase=unittest.TestCase)
 
 from torch.testing._internal.common_modules import ModuleErrorEnum, module_db  # noqa: E402
 
