@@ -54,6 +54,22 @@ def assert_all_close(fast_results, ref_results, dtype, backend=None):
         torch.testing.assert_close(f, r, **tol(dtype, backend), msg=lambda m: f"result {k}: {m}")
 
 
+# ---------------------------------------------------------------------------------------- backends
+
+def every_backend():
+    """Every backend that runs here, for tests of the drop-in promise (which holds whichever
+    backend a user picks): the CPU ones, and Triton under TRITON_INTERPRET=1 (marked
+    `interpreter`). The module that uses it sets TRITON_INTERPRET before Triton is imported."""
+    import pytest
+
+    from bilstm_fast.kernels import available_backends, triton_available
+
+    names = available_backends("cpu")
+    if triton_available() and "triton" not in names:
+        names.append("triton")
+    return [pytest.param(name, marks=pytest.mark.interpreter) if name == "triton" else name for name in names]
+
+
 # ---------------------------------------------------------------------------------------- models
 
 def make_pair(I, H, layers=1, dtype=torch.float32, *, bias=True, batch_first=False, bidirectional=True,

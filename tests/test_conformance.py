@@ -24,13 +24,9 @@ if not torch.cuda.is_available():
 from torch.testing._internal.common_modules import ModuleErrorEnum, module_db  # noqa: E402
 
 from bilstm_fast import FastBiLSTM  # noqa: E402
-from bilstm_fast.kernels import available_backends, triton_available  # noqa: E402
+from helpers import every_backend  # noqa: E402
 
-# every backend: those the `backend` fixture runs on CPU tensors, and the Triton one under
-# TRITON_INTERPRET=1 (the drop-in promise holds whichever backend a user picks)
-BACKENDS = [pytest.param(name, marks=pytest.mark.interpreter) if name == "triton" else name
-            for name in available_backends("cpu") + ["triton"] * triton_available()
-            if name != "triton" or "triton" not in available_backends("cpu")]
+BACKENDS = every_backend()
 
 LSTM_INFO = next(info for info in module_db if info.module_cls is nn.LSTM)
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}

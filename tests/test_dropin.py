@@ -13,14 +13,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend runs interpreted on CPU
 
 from bilstm_fast import FastBiLSTM, swap_lstm  # noqa: E402
-from bilstm_fast.kernels import available_backends, triton_available  # noqa: E402
-from helpers import TOL  # noqa: E402
+from helpers import TOL, every_backend  # noqa: E402
 
-# every backend: those the `backend` fixture runs on CPU tensors, and the Triton one under
-# TRITON_INTERPRET=1 (the drop-in promise holds whichever backend a user picks)
-BACKENDS = [pytest.param(name, marks=pytest.mark.interpreter) if name == "triton" else name
-            for name in available_backends("cpu") + ["triton"] * triton_available()
-            if name != "triton" or "triton" not in available_backends("cpu")]
+BACKENDS = every_backend()
 
 F32, F64 = TOL[torch.float32], TOL[torch.float64]
 

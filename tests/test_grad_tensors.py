@@ -9,19 +9,14 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend runs interpreted on CPU
 
-from bilstm_fast import FastBiLSTM  # noqa: E402
+from helpers import every_backend  # noqa: E402
+from helpers import make_pair as module_pair  # noqa: E402
 
-try:
-    import triton  # noqa: F401
-
-    BACKENDS = ["vectorized", "triton"]
-except ImportError:
-    BACKENDS = ["vectorized"]
+BACKENDS = every_backend()
 
 CONFIGS = {  # id: (num_layers, bidirectional, bias)
     "bi-1layer": (1, True, True),
@@ -33,14 +28,10 @@ CONFIGS = {  # id: (num_layers, bidirectional, bias)
 I, H, T, B = 3, 5, 4, 2
 
 
-def make_pair(config, backend, dtype=torch.float64, seed=0):
-    num_layers, bidirectional, bias = CONFIGS[config]
-    torch.manual_seed(seed)
-    ref = nn.LSTM(I, H, num_layers=num_layers, bidirectional=bidirectional, bias=bias, dtype=dtype)
-    fast = FastBiLSTM(I, H, num_layers=num_layers, bidirectional=bidirectional, bias=bias, dtype=dtype,
-                      backend=backend)
-    fast.load_state_dict(ref.state_dict())
-    return ref, fast
+def make_pair(config, backend):
+    """nn.LSTM and an independent FastBiLSTM copy of it, float64."""
+    layers, bidirectional, bias = CONFIGS[config]
+    return module_pair(I, H, layers, torch.float64, bias=bias, bidirectional=bidirectional, backend=backend)
 
 
 def backward(model, seed, dtype=torch.float64):
