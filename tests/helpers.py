@@ -70,6 +70,28 @@ def every_backend():
     return [pytest.param(name, marks=pytest.mark.interpreter) if name == "triton" else name for name in names]
 
 
+def interpreted_triton(what):
+    """kernels.triton_recurrence running under TRITON_INTERPRET=1, for a test module that needs
+    the interpreter itself (`what` names it in the skip reason): the module is skipped on a GPU
+    machine, where the kernels run for real, and where triton is missing. triton.jit decides
+    between compiling and interpreting when a kernel is defined, so a module imported compiled
+    by an earlier test is reloaded (see test_triton.py)."""
+    import importlib
+    import os
+
+    import pytest
+
+    if torch.cuda.is_available():
+        pytest.skip(f"{what}: CPU only (a GPU runs the kernels for real)", allow_module_level=True)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"] != "1":
+        pytest.skip("TRITON_INTERPRET is set to something other than 1", allow_module_level=True)
+    pytest.importorskip("triton")
+    from bilstm_fast.kernels import triton_recurrence
+
+    return triton_recurrence if triton_recurrence.INTERPRET else importlib.reload(triton_recurrence)
+
+
 # ---------------------------------------------------------------------------------------- models
 
 def make_pair(I, H, layers=1, dtype=torch.float32, *, bias=True, batch_first=False, bidirectional=True,

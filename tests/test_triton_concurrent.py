@@ -27,26 +27,17 @@ import importlib
 import importlib.util
 import inspect
 import math
-import os
 import time
 
 import pytest
 import torch
 
-if torch.cuda.is_available():
-    pytest.skip("concurrent-interpreter tests: CPU only (a GPU runs the persistent schedule for real)",
-                allow_module_level=True)
-os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ["TRITON_INTERPRET"] != "1":
-    pytest.skip("TRITON_INTERPRET is set to something other than 1", allow_module_level=True)
-pytest.importorskip("triton")
+from helpers import interpreted_triton
 
-from bilstm_fast.kernels import triton_recurrence as tr  # noqa: E402
+tr = interpreted_triton("concurrent-interpreter tests")
+
 from bilstm_fast.kernels import vectorized  # noqa: E402
 from interpreter_threads import LaunchTimeout, concurrent_programs  # noqa: E402
-
-if not tr.INTERPRET:  # imported compiled by an earlier test module: interpret it (see test_triton.py)
-    tr = importlib.reload(tr)
 
 # test_triton.py's tolerances against float64 (its comment says why): fp32 a few ulps of 6e-8
 # within 1e-5, fp16 five ulps of 9.8e-4, fp64 reassociation only

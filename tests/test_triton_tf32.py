@@ -12,28 +12,19 @@ test_tf32_switch_is_followed: max(2 * cuDNN's TF32 error, 2e-3)).
 
 CPU only; on a GPU test_cuda.py runs real TF32.
 """
-import importlib
-import os
 
 import numpy as np
 import pytest
 import torch
 
-if torch.cuda.is_available():
-    pytest.skip("TF32 emulation: CPU only (a GPU runs real TF32 in test_cuda.py)", allow_module_level=True)
-os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ["TRITON_INTERPRET"] != "1":
-    pytest.skip("TRITON_INTERPRET is set to something other than 1", allow_module_level=True)
-pytest.importorskip("triton")
+from helpers import interpreted_triton
+
+tr = interpreted_triton("TF32 emulation (real TF32 runs in test_cuda.py)")
 
 from triton._C.libtriton import ir  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
-from bilstm_fast.kernels import triton_recurrence as tr  # noqa: E402
 from bilstm_fast.kernels import vectorized  # noqa: E402
-
-if not tr.INTERPRET:  # imported compiled by an earlier test module: interpret it (see test_triton.py)
-    tr = importlib.reload(tr)
 
 CUDA_TF32_FLOOR = 2e-3  # tests/test_cuda.py, test_tf32_switch_is_followed
 
