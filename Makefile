@@ -36,9 +36,9 @@ test: setup
 	BILSTM_FAST_NO_NATIVE=1 PYTHONSAFEPATH=1 $(PYTHON) -m pytest -q -W "ignore:bilstm_fast:RuntimeWarning" \
 		tests/test_parity.py tests/test_function.py tests/test_compose.py tests/test_native.py
 
-# The inner loop: everything but the tests marked slow (under a minute on a quiet 2-core CPU)
+# The inner loop: everything but the slow and the Triton-interpreter tests (under a minute on a quiet 2-core CPU)
 test-fast: setup
-	PYTHONSAFEPATH=1 $(PYTHON) -m pytest -m "not slow"
+	PYTHONSAFEPATH=1 $(PYTHON) -m pytest -m "not slow and not interpreter"
 
 lint:
 	$(PYTHON) -m ruff --version >/dev/null 2>&1 || $(PIP) install -q "$(RUFF)"

@@ -3,7 +3,7 @@ pair, the forward-and-all-gradients helper) are plain functions in helpers.py.
 
 Markers (registered in pytest.ini):
   cuda         needs a CUDA GPU: skipped here when none is visible
-  slow         over a few seconds each on a 2-core CPU: `pytest -m "not slow"` is the inner loop,
+  slow         over a few seconds each on a 2-core CPU: `pytest -m "not slow and not interpreter"` is the inner loop,
                plain `pytest` (what CI runs) includes them
   interpreter  runs Triton kernels under TRITON_INTERPRET=1 when there is no GPU
 """
