@@ -78,39 +78,35 @@ def test_every_grad_is_its_own_tensor(config, backend):
     assert_no_shared_storage(fast)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("config", CONFIGS)
-def test_clipped_grads_equal_nn_lstm_clipped_grads(config, backend):
-    ref, fast = make_pair(config, backend)
-    for model in (ref, fast):
-        backward(model, seed=1)
-        total = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-        # half the norm: every gradient is scaled by exactly 0.5, once
-        torch.nn.utils.clip_grad_norm_(model.parameters(), total.item() / 2)
-    assert_grads_match(ref, fast, **F64)
+def clip_to_half_the_norm(model):
+    backward(model, seed=1)
+    total = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    # half the norm: every gradient is scaled by exactly 0.5, once
+    torch.nn.utils.clip_grad_norm_(model.parameters(), total.item() / 2)
+
+
+def accumulate_after_zero_grad(model):
+    backward(model, seed=1)
+    model.zero_grad(set_to_none=False)
+    backward(model, seed=2)
+    backward(model, seed=3)
+
+
+def edit_in_place(model):
+    """A hook-style in-place edit on each gradient must act on that gradient alone."""
+    backward(model, seed=1)
+    for p in model.parameters():
+        p.grad.mul_(3.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", CONFIGS)
-def test_accumulated_grads_equal_nn_lstm(config, backend):
+@pytest.mark.parametrize("script", [clip_to_half_the_norm, accumulate_after_zero_grad, edit_in_place],
+                         ids=lambda f: f.__name__)
+def test_what_scripts_do_to_grads_gives_nn_lstm_grads(script, config, backend):
     ref, fast = make_pair(config, backend)
-    for model in (ref, fast):
-        backward(model, seed=1)
-        model.zero_grad(set_to_none=False)
-        backward(model, seed=2)
-        backward(model, seed=3)
-    assert_grads_match(ref, fast, **F64)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("config", CONFIGS)
-def test_in_place_grad_edits_act_once(config, backend):
-    """A hook-style in-place edit on one gradient leaves every other gradient alone."""
-    ref, fast = make_pair(config, backend)
-    for model in (ref, fast):
-        backward(model, seed=1)
-        for p in model.parameters():
-            p.grad.mul_(3.0)
+    script(ref)
+    script(fast)
     assert_grads_match(ref, fast, **F64)
 
 
