@@ -123,6 +123,20 @@ def projected_input(gates, cs, dtype):
     return (gates[..., 3 * H:].to(cs.dtype) * torch.tanh(cs)).to(dtype)
 
 
+def layer_forward(x, w_ih, w_hh, bias, h0, c0, lengths, backend, w_hr, save):
+    """The layer's forward sweep from x -> out [T, B, D, P], h_n, c_n (and gates, cs when save):
+    one call of a backend that projects the input itself (ops.fused_backend), else the input
+    projection as one GEMM here and the backend's recurrence."""
+    fused = ops.fused_backend(backend, x, w_hr)
+    if fused is not None:
+        out, h_n, c_n, gates, cs = fused.layer_forward(x, w_ih, bias, w_hh, h0, c0, lengths, save=save)
+        return (out, h_n, c_n, gates, cs) if save else (out, h_n, c_n)
+    gx = input_projection(x, w_ih, bias)
+    if save:
+        return ops.forward(gx, w_hh, h0, c0, lengths, backend, w_hr)
+    return ops.inference(gx, w_hh, h0, c0, lengths, backend, w_hr)
+
+
 class LSTMLayerFunction(torch.autograd.Function):
     """(x [T,B,I], h0, c0 [D,B,H], lengths [B] or None, backend, *params) -> out [T,B,D*H],
     h_n [D,B,H], c_n [D,B,H], gates, cs (the last two saved for backward and not
@@ -146,8 +160,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         T, B, _ = x.shape
         D = h0.shape[0]
         w_ih, w_hh, bias, w_hr = split_directions(params, D)
-        gx = input_projection(x, w_ih, bias)
-        out, h_n, c_n, gates, cs = ops.forward(gx, w_hh, h0, c0, lengths, backend, w_hr)
+        out, h_n, c_n, gates, cs = layer_forward(x, w_ih, w_hh, bias, h0, c0, lengths, backend, w_hr, save=True)
         return out.view(T, B, out.shape[2] * out.shape[3]), h_n, c_n, gates, cs
 
     @staticmethod
@@ -321,8 +334,7 @@ def lstm_layer_params(x, params, h0, c0, lengths=None, backend="auto"):
         return out, h_n, c_n
     T, B, _ = x.shape
     w_ih, w_hh, bias, w_hr = split_directions(params, h0.shape[0])
-    gx = input_projection(x, w_ih, bias)
-    out, h_n, c_n = ops.inference(gx, w_hh, h0, c0, lengths, backend, w_hr)
+    out, h_n, c_n = layer_forward(x, w_ih, w_hh, bias, h0, c0, lengths, backend, w_hr, save=False)
     return out.view(T, B, out.shape[2] * out.shape[3]), h_n, c_n
 
 

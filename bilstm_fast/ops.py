@@ -131,6 +131,15 @@ def eager():
     )
 
 
+def fused_backend(backend, x, w_hr):
+    """The backend module, when it projects the input itself (`layer_forward`, an optional extra
+    of the contract) and the call is plain eager without a projection; else None."""
+    if w_hr is not None or not eager() or x.device.type == "meta":
+        return None
+    rec = recurrence_module(resolve_backend(backend, x.device, x.dtype))
+    return rec if hasattr(rec, "layer_forward") else None
+
+
 def forward(gx, w_hh, h0, c0, lengths, backend, w_hr=None):
     if eager() and gx.device.type != "meta":
         return _forward(gx, w_hh, h0, c0, lengths, backend, w_hr, save=True)

@@ -39,6 +39,16 @@ projected h (zero where t >= lengths[b]), from which the caller forms W_hr's gra
 with a projection on a backend without the extra run on the vectorized backend (ops.py); the
 base signatures above never see `w_hr`.
 
+Optional extra, input projection (kernels/native.py): a backend module with a function
+
+    layer_forward(x, w_ih, bias, w_hh, h0, c0, lengths, save=True) -> as recurrence_forward
+        x [T, B, I], w_ih [D, 4H, I], bias [D, 4H] (b_ih + b_hh) or None
+
+returns what recurrence_forward(x @ W_ih^T + bias, ...) returns, to fp rounding (the projection
+may be summed in another order), without the caller making gx. The layer op calls it in plain
+eager calls without a projection (bilstm_fast/ops.py `fused_backend`); compiled, traced and
+transformed calls go through the custom ops and the base contract.
+
 tests/test_contract.py checks these shapes, dtypes and the masking for every backend that
 `kernels.available_backends("cpu")` lists; kernels/reference.py is the plain loop they are all
 compared with.

@@ -51,5 +51,14 @@ def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True):
     return out, h_n, c_n, gates, cs
 
 
+def layer_forward(x, w_ih, bias, w_hh, h0, c0, lengths=None, save=True):
+    """recurrence_forward from x itself: each task projects its own rows a block of steps at a
+    time (the optional extra `layer_forward` of kernels/contract.py)."""
+    out, h_n, c_n, gates, cs = _native.layer_forward(x, w_ih, bias, w_hh, h0, c0, lengths, save)
+    if not save:
+        gates = cs = None
+    return out, h_n, c_n, gates, cs
+
+
 def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None):
     return tuple(_native.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths))

@@ -6,7 +6,7 @@ be is checked against the loop reference in test_function.py and test_parity.py.
 import pytest
 import torch
 
-from bilstm_fast.kernels import recurrence_module
+from bilstm_fast.kernels import available_backends, recurrence_module
 from bilstm_fast.kernels.contract import state_dtype
 
 # (T, B, H, D, lengths)
@@ -91,3 +91,51 @@ def test_padded_steps_are_masked_by_selection(backend):
                                                p["w_hh"], gates, cs, p["c0"], p["lengths"])
     for name, t in (("out", out), ("h_n", h_n), ("c_n", c_n), ("dgates", dgates), ("dh0", dh0), ("dc0", dc0)):
         assert not t.isnan().any(), name
+
+
+# (T, B, I, H, D, lengths, threads): unsorted lengths; a direction split into batch slices (2
+# threads, one direction, B >= 16); several blocks of steps (native: 4 MB of projections each,
+# 26 steps here in fp32, 13 in fp64) with fewer rows running in later blocks; and projections
+# large enough for the packed-panel GEMM (I * 4H >= 2**16)
+FUSED_CASES = [
+    (5, 3, 4, 4, 2, [5, 1, 3], 1),
+    (9, 20, 5, 7, 1, None, 2),
+    (40, 20, 8, 512, 2, list(range(40, 20, -1)), 2),
+    (3, 17, 300, 160, 1, [1, 3, 2] * 5 + [3, 3], 2),
+]
+
+
+FUSED_BACKENDS = [name for name in available_backends("cpu") if hasattr(recurrence_module(name), "layer_forward")]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"T{c[0]}-B{c[1]}-I{c[2]}-H{c[3]}-D{c[4]}-t{c[6]}")
+@pytest.mark.parametrize("fused", FUSED_BACKENDS)
+def test_layer_forward_is_the_projection_then_the_recurrence(fused, case, dtype, bias):
+    """The optional extra: layer_forward(x, ...) equals recurrence_forward(x @ W_ih^T + b, ...)
+    to the rounding of the projection's sum (fp64: 1e-12; fp32: 1e-5 of the output scale, a few
+    hundred ulps of one I-term dot product carried through the gates), saving or not."""
+    rec = recurrence_module(fused)
+    from bilstm_fast.function import input_projection
+
+    T, B, I, H, D, lengths, threads = case
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, I, generator=g, dtype=dtype)
+    w_ih = torch.randn(D, 4 * H, I, generator=g, dtype=dtype) / I**0.5
+    b = torch.randn(D, 4 * H, generator=g, dtype=dtype) if bias else None
+    p = problem(T, B, H, D, lengths, dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for save in (True, False):
+            args = (p["w_hh"], p["h0"], p["c0"], p["lengths"])
+            expected = rec.recurrence_forward(input_projection(x, w_ih, b), *args, save=save)
+            got = rec.layer_forward(x, w_ih, b, *args, save=save)
+            for e, o in zip(expected, got):
+                assert (e is None) == (o is None)
+                if e is not None:
+                    scale = e.abs().max().item()
+                    assert (o - e).abs().max().item() <= (1e-12 if dtype == torch.float64 else 1e-5) * scale
+    finally:
+        torch.set_num_threads(previous)

@@ -21,7 +21,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/core/LegacyTypeDispatch.h>  // AutoDispatchBelowADInplaceOrView
+#include <ATen/native/CPUBlas.h>             // cpublas::brgemm
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -30,6 +32,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(BILSTM_NO_CLONES)
@@ -118,22 +121,22 @@ static ALWAYS_INLINE double tanh_act(double x) { return std::tanh(x); }
 template <typename S>
 static ALWAYS_INLINE void forward_rows(
     int64_t n, const int64_t* rows, int64_t H,
-    const S* __restrict__ gx, int64_t gx_rs,  // gx at (t, 0, d): row b at gx + b * gx_rs
+    const S* __restrict__ gx, const int64_t* gx_rows, int64_t gx_rs,  // row r's projections at gx + gx_rows[r] * gx_rs
     const S* __restrict__ hw,                 // [n, 4H]: h_prev @ W_hh^T of this step
     S* __restrict__ h, S* __restrict__ c,     // [n, H] states, updated in place
     S* __restrict__ out, int64_t out_rs,      // out at (t, 0, d)
-    S* __restrict__ gates,                    // nullptr, or gates at (t, 0, d) (row stride gx_rs)
+    S* __restrict__ gates, int64_t g_rs,      // nullptr, or gates at (t, 0, d)
     S* __restrict__ cs) {                     // nullptr, or cs at (t, 0, d) (row stride out_rs)
   const int64_t G = 4 * H;
   for (int64_t r = 0; r < n; ++r) {
     const int64_t b = rows[r];
-    const S* __restrict__ x = gx + b * gx_rs;
+    const S* __restrict__ x = gx + gx_rows[r] * gx_rs;
     const S* __restrict__ a = hw + r * G;
     S* __restrict__ hr = h + r * H;
     S* __restrict__ cr = c + r * H;
     S* __restrict__ o_row = out + b * out_rs;
     if (gates != nullptr) {
-      S* __restrict__ g_row = gates + b * gx_rs;
+      S* __restrict__ g_row = gates + b * g_rs;
       S* __restrict__ c_row = cs + b * out_rs;
       SIMD_LOOP
       for (int64_t j = 0; j < H; ++j) {
@@ -215,15 +218,17 @@ static ALWAYS_INLINE void backward_rows(
 }
 
 // The multiversioned entry points (target_clones wants plain functions, not templates).
-MULTI_TARGET void forward_rows_f32(int64_t n, const int64_t* rows, int64_t H, const float* gx, int64_t gx_rs,
+MULTI_TARGET void forward_rows_f32(int64_t n, const int64_t* rows, int64_t H, const float* gx,
+                                   const int64_t* gx_rows, int64_t gx_rs,
                                    const float* hw, float* h, float* c, float* out, int64_t out_rs,
-                                   float* gates, float* cs) {
-  forward_rows<float>(n, rows, H, gx, gx_rs, hw, h, c, out, out_rs, gates, cs);
+                                   float* gates, int64_t g_rs, float* cs) {
+  forward_rows<float>(n, rows, H, gx, gx_rows, gx_rs, hw, h, c, out, out_rs, gates, g_rs, cs);
 }
-MULTI_TARGET void forward_rows_f64(int64_t n, const int64_t* rows, int64_t H, const double* gx, int64_t gx_rs,
+MULTI_TARGET void forward_rows_f64(int64_t n, const int64_t* rows, int64_t H, const double* gx,
+                                   const int64_t* gx_rows, int64_t gx_rs,
                                    const double* hw, double* h, double* c, double* out, int64_t out_rs,
-                                   double* gates, double* cs) {
-  forward_rows<double>(n, rows, H, gx, gx_rs, hw, h, c, out, out_rs, gates, cs);
+                                   double* gates, int64_t g_rs, double* cs) {
+  forward_rows<double>(n, rows, H, gx, gx_rows, gx_rs, hw, h, c, out, out_rs, gates, g_rs, cs);
 }
 MULTI_TARGET void backward_rows_f32(int64_t n, const int64_t* rows, int64_t H, const float* dout, int64_t out_rs,
                                     const float* gates, int64_t g_rs, const float* cs, const float* c_prev,
@@ -236,15 +241,15 @@ MULTI_TARGET void backward_rows_f64(int64_t n, const int64_t* rows, int64_t H, c
   backward_rows<double>(n, rows, H, dout, out_rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, dgates);
 }
 
-static void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const float* gx, int64_t gx_rs,
-                             const float* hw, float* h, float* c, float* out, int64_t out_rs, float* gates,
-                             float* cs) {
-  forward_rows_f32(n, rows, H, gx, gx_rs, hw, h, c, out, out_rs, gates, cs);
+static void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const float* gx, const int64_t* gx_rows,
+                             int64_t gx_rs, const float* hw, float* h, float* c, float* out, int64_t out_rs,
+                             float* gates, int64_t g_rs, float* cs) {
+  forward_rows_f32(n, rows, H, gx, gx_rows, gx_rs, hw, h, c, out, out_rs, gates, g_rs, cs);
 }
-static void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const double* gx, int64_t gx_rs,
-                             const double* hw, double* h, double* c, double* out, int64_t out_rs, double* gates,
-                             double* cs) {
-  forward_rows_f64(n, rows, H, gx, gx_rs, hw, h, c, out, out_rs, gates, cs);
+static void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const double* gx, const int64_t* gx_rows,
+                             int64_t gx_rs, const double* hw, double* h, double* c, double* out, int64_t out_rs,
+                             double* gates, int64_t g_rs, double* cs) {
+  forward_rows_f64(n, rows, H, gx, gx_rows, gx_rs, hw, h, c, out, out_rs, gates, g_rs, cs);
 }
 static void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const float* dout, int64_t out_rs,
                               const float* gates, int64_t g_rs, const float* cs, const float* c_prev, int64_t cp_rs,
@@ -330,16 +335,151 @@ static void run_tasks(int64_t n_tasks, const Fn& fn) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward
+// The step GEMM: C[n, N] (+)= A[n, K] @ W for a weight W [K, N] fixed for the whole call (W_hh^T
+// going forward, W_hh going back, W_ih^T for the input projection of a block of steps).
+//
+// fp32: W is packed once per call into column panels of PANEL columns, each [K, PANEL]
+// contiguous, and every step runs ATen's cpublas::brgemm (oneDNN's JIT micro-kernel where torch
+// has it, ATen's gemm otherwise) panel by panel. MKL's sgemm repacks W on every call, which at
+// a step's few rows (n <= B) costs as much as the multiply once W outgrows the L2 cache
+// (benchmarks/NOTES.md attempt 21). A brgemm kernel is generated once per shape and thread
+// (tens of microseconds) and cached by ATen, so calls whose active row count changes from step
+// to step (lengths) pay that once per distinct count.
+// fp64 (the exactness path) and small weights: at::mm_out on W made contiguous once. A weight used
+// for a call or two (streaming generation) is multiplied as it is: a copy would cost more than it saves.
+constexpr int64_t PANEL = 32;
 
 template <typename S>
-static void forward_impl(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+class StepGemm {
+ public:
+  StepGemm(const at::Tensor& w, int64_t calls) : K_(w.size(0)), N_(w.size(1)) {
+    use_panels_ = std::is_same<S, float>::value && K_ * N_ >= (int64_t{1} << 16) && calls > 2;
+    if (!use_panels_) {
+      w_ = calls > 2 ? w.contiguous() : w;
+      return;
+    }
+    const int64_t panels = (N_ + PANEL - 1) / PANEL;
+    // [panels, K, PANEL]; the last panel's columns past N stay zero and are never read back
+    w_ = at::zeros({panels, K_, PANEL}, w.options());
+    for (int64_t j = 0; j < panels; ++j) {
+      const int64_t width = std::min(PANEL, N_ - j * PANEL);
+      w_[j].narrow(1, 0, width).copy_(w.narrow(1, j * PANEL, width));
+    }
+  }
+
+  // a: [n, K] rows contiguous, c: [n, N] rows contiguous; accumulate: c += a @ W, else c = a @ W
+  void run(const at::Tensor& a, at::Tensor& c, bool accumulate = false) const {
+    const int64_t n = a.size(0);
+    if (!use_panels_) {
+      if (accumulate)
+        c.addmm_(a, w_);
+      else
+        at::mm_out(c, a, w_);
+      return;
+    }
+    const float* a_p = reinterpret_cast<const float*>(a.data_ptr());
+    const float* w_p = reinterpret_cast<const float*>(w_.data_ptr());
+    float* c_p = reinterpret_cast<float*>(c.data_ptr());
+    for (int64_t j = 0; j * PANEL < N_; ++j) {
+      const int64_t width = std::min(PANEL, N_ - j * PANEL);
+      at::native::cpublas::brgemm(n, width, K_, K_, PANEL, N_, accumulate, a_p, w_p + j * K_ * PANEL, c_p + j * PANEL);
+    }
+  }
+
+ private:
+  int64_t K_, N_;
+  bool use_panels_;
+  at::Tensor w_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+// Where a task's input projections x @ W_ih^T + b come from: the contract's precomputed gx
+// [T, B, D, 4H] (recurrence_forward), or x [T, B, I], W_ih [D, 4H, I] and the summed bias
+// [D, 4H] (undefined without bias), projected by the task itself a block of steps at a time
+// (layer_forward). Each block is consumed while it is still in the core's cache, the projection
+// runs on the direction's own thread with no fork/join of its own, and the whole gx (fresh
+// memory that faults page by page as it is first written) is never made.
+struct Projections {
+  at::Tensor gx;
+  at::Tensor x, w_ih, bias;
+};
+
+// Bytes of projections per block. Large enough that the W_ih GEMM has hundreds of rows and
+// streams W_ih only T / steps times; small enough to stay in the last-level cache between its
+// projection and its steps, and under glibc's largest mmap threshold (32 MB), so after the first
+// call the block is recycled heap memory instead of fresh pages that fault on first touch.
+constexpr int64_t BLOCK_BYTES = int64_t{4} << 20;
+
+// The projections of one task, a block of steps at a time (layer_forward's source).
+template <typename S>
+class ProjectionBlocks {
+ public:
+  ProjectionBlocks(const Projections& p, const Task& task, const std::vector<int64_t>& len, int64_t T)
+      : task_(task), len_(len), T_(T), B_(p.x.size(1)), I_(p.x.size(2)), G_(p.w_ih.size(1)),
+        nr_(static_cast<int64_t>(task.rows.size())),
+        steps_(std::max<int64_t>(1, std::min<int64_t>(T, BLOCK_BYTES / (nr_ * G_ * int64_t(sizeof(S)))))),
+        gemm_(p.w_ih[task.d].t(), (T + steps_ - 1) / steps_), x_(p.x),
+        bias_(p.bias.defined() ? p.bias[task.d].contiguous() : p.bias),
+        block_(at::empty({steps_ * nr_, G_}, p.x.options())), order_(nr_) {
+    std::iota(order_.begin(), order_.end(), int64_t{0});
+    contiguous_rows_ = nr_ == B_ && std::equal(order_.begin(), order_.end(), task.rows.begin());
+  }
+
+  // Row r's projections at step s (time t) are at base + index()[r] * G.
+  const S* base(int64_t s, int64_t t) {
+    if (s % steps_ == 0) project(s);
+    return block_.data_ptr<S>() + (t - t_lo_) * rows_ * G_;
+  }
+  const int64_t* index() const { return order_.data(); }
+  int64_t row_stride() const { return G_; }
+
+ private:
+  // The block of steps s .. s + steps - 1, for the rows running at its earliest time (the most:
+  // a row runs at t while t < len), laid out [time, row, 4H].
+  void project(int64_t s) {
+    const int64_t count = std::min(steps_, T_ - s);
+    t_lo_ = task_.d == 0 ? s : T_ - s - count;
+    rows_ = 0;
+    while (rows_ < nr_ && len_[task_.rows[rows_]] > t_lo_) ++rows_;
+    if (rows_ == 0) return;
+    at::Tensor xb;
+    if (contiguous_rows_ && rows_ == B_) {  // all of x's rows at these steps, as they lie
+      xb = x_.narrow(0, t_lo_, count).view({count * B_, I_});
+    } else {
+      if (!gathered_.defined()) gathered_ = at::empty({steps_ * nr_, I_}, x_.options());
+      const S* x_p = x_.data_ptr<S>();
+      S* g_p = gathered_.data_ptr<S>();
+      for (int64_t k = 0; k < count; ++k)
+        for (int64_t r = 0; r < rows_; ++r)
+          std::memcpy(g_p + (k * rows_ + r) * I_, x_p + ((t_lo_ + k) * B_ + task_.rows[r]) * I_, I_ * sizeof(S));
+      xb = gathered_.narrow(0, 0, count * rows_);
+    }
+    at::Tensor out = block_.narrow(0, 0, count * rows_);
+    if (bias_.defined()) out.copy_(bias_.unsqueeze(0).expand_as(out));
+    gemm_.run(xb, out, /*accumulate=*/bias_.defined());
+  }
+
+  const Task& task_;
+  const std::vector<int64_t>& len_;
+  const int64_t T_, B_, I_, G_, nr_, steps_;
+  const StepGemm<S> gemm_;
+  at::Tensor x_, bias_, block_, gathered_;
+  std::vector<int64_t> order_;
+  bool contiguous_rows_;
+  int64_t t_lo_ = 0, rows_ = 0;
+};
+
+template <typename S>
+static void forward_impl(const Projections& proj, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
                          const std::vector<int64_t>& len, bool save, at::Tensor& out, at::Tensor& h_n,
                          at::Tensor& c_n, at::Tensor& gates, at::Tensor& cs) {
-  const int64_t T = gx.size(0), B = gx.size(1), D = gx.size(2), G = gx.size(3), H = G / 4;
-  const int64_t gx_rs = D * G, out_rs = D * H;  // row (batch) strides
-  const int64_t gx_ts = B * gx_rs, out_ts = B * out_rs;
-  const S* gx_p = gx.data_ptr<S>();
+  const int64_t T = out.size(0), B = out.size(1), D = out.size(2), H = out.size(3), G = 4 * H;
+  const int64_t g_rs = D * G, out_rs = D * H;  // row (batch) strides of the [T, B, D, F] tensors
+  const int64_t g_ts = B * g_rs, out_ts = B * out_rs;
+  const bool fused = !proj.gx.defined();
+  const S* gx_p = fused ? nullptr : proj.gx.data_ptr<S>();
   S* out_p = out.data_ptr<S>();
   S* gates_p = save ? gates.data_ptr<S>() : nullptr;
   S* cs_p = save ? cs.data_ptr<S>() : nullptr;
@@ -347,19 +487,18 @@ static void forward_impl(const at::Tensor& gx, const at::Tensor& w_hh, const at:
   const S* c0_p = c0.data_ptr<S>();
   S* hn_p = h_n.data_ptr<S>();
   S* cn_p = c_n.data_ptr<S>();
-  // W_hh^T as a contiguous [H, 4H] matrix: the GEMM runs faster on it than on the transposed view
-  // (MKL, measured in benchmarks/NOTES.md), worth its copy unless the call is a step or two.
-  const bool copy_wt = T > 2;
   std::vector<Task> tasks = make_tasks(len, D);
   run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t k) {
     const Task& task = tasks[k];
     const int64_t d = task.d, nr = static_cast<int64_t>(task.rows.size());
     const int64_t* rows = task.rows.data();
-    at::Tensor wt = copy_wt ? w_hh[d].t().contiguous() : w_hh[d].t();
+    const StepGemm<S> gemm(w_hh[d].t(), T);  // h_prev @ W_hh^T
+    c10::optional<ProjectionBlocks<S>> blocks;
+    if (fused) blocks.emplace(proj, task, len, T);
     // task-private state, allocated on the thread that uses it: h [nr, H], c [nr, H], hw [nr, 4H]
-    at::Tensor h = at::empty({nr, H}, gx.options());
-    at::Tensor c = at::empty({nr, H}, gx.options());
-    at::Tensor hw = at::empty({nr, G}, gx.options());
+    at::Tensor h = at::empty({nr, H}, out.options());
+    at::Tensor c = at::empty({nr, H}, out.options());
+    at::Tensor hw = at::empty({nr, G}, out.options());
     S* h_p = h.data_ptr<S>();
     S* c_p = c.data_ptr<S>();
     for (int64_t r = 0; r < nr; ++r) {
@@ -370,12 +509,13 @@ static void forward_impl(const at::Tensor& gx, const at::Tensor& w_hh, const at:
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = d == 0 ? s : T - 1 - s;
       n = active_rows(task, len, t, n);
+      const S* gx_t = fused ? blocks->base(s, t) : gx_p + t * g_ts + d * G;
       if (n > 0) {
         at::Tensor hw_n = hw.narrow(0, 0, n);
-        at::mm_out(hw_n, h.narrow(0, 0, n), wt);
-        forward_rows_any(n, rows, H, gx_p + t * gx_ts + d * G, gx_rs, hw.data_ptr<S>(), h_p, c_p,
-                         out_p + t * out_ts + d * H, out_rs, save ? gates_p + t * gx_ts + d * G : nullptr,
-                         save ? cs_p + t * out_ts + d * H : nullptr);
+        gemm.run(h.narrow(0, 0, n), hw_n);
+        forward_rows_any(n, rows, H, gx_t, fused ? blocks->index() : rows, fused ? blocks->row_stride() : g_rs,
+                         hw.data_ptr<S>(), h_p, c_p, out_p + t * out_ts + d * H, out_rs,
+                         save ? gates_p + t * g_ts + d * G : nullptr, g_rs, save ? cs_p + t * out_ts + d * H : nullptr);
       }
       // rows past their end (t >= len): zero output; the saved cell state carries the state
       // (the final one going forward, c0 going back); the gates are never read there
@@ -384,7 +524,7 @@ static void forward_impl(const at::Tensor& gx, const at::Tensor& w_hh, const at:
         std::memset(out_p + t * out_ts + b * out_rs + d * H, 0, H * sizeof(S));
         if (save) {
           std::memcpy(cs_p + t * out_ts + b * out_rs + d * H, c_p + r * H, H * sizeof(S));
-          std::memset(gates_p + t * gx_ts + b * gx_rs + d * G, 0, G * sizeof(S));
+          std::memset(gates_p + t * g_ts + b * g_rs + d * G, 0, G * sizeof(S));
         }
       }
     }
@@ -405,35 +545,68 @@ static void check_inputs(const at::Tensor& gx, const at::Tensor& w_hh) {
               "native recurrence: w_hh must be [D, 4H, H]");
 }
 
-std::vector<at::Tensor> recurrence_forward(const at::Tensor& gx_in, const at::Tensor& w_hh_in, const at::Tensor& h0_in,
-                                           const at::Tensor& c0_in, const c10::optional<at::Tensor>& lengths,
-                                           bool save) {
-  check_inputs(gx_in, w_hh_in);
-  const auto opts = gx_in.options();
-  at::Tensor gx = gx_in.contiguous();
+// The sweep for either source of projections; T, B, D, H and the options from that source.
+static std::vector<at::Tensor> forward_sweep(const Projections& proj, const at::Tensor& w_hh_in, const at::Tensor& h0_in,
+                                             const at::Tensor& c0_in, const c10::optional<at::Tensor>& lengths,
+                                             bool save, int64_t T, int64_t B, int64_t D, int64_t H,
+                                             const at::TensorOptions& opts) {
   at::Tensor w_hh = w_hh_in.to(opts.dtype()).contiguous();
   at::Tensor h0 = h0_in.to(opts.dtype()).contiguous();
   at::Tensor c0 = c0_in.to(opts.dtype()).contiguous();
-  const int64_t T = gx.size(0), B = gx.size(1), D = gx.size(2), G = gx.size(3), H = G / 4;
   at::Tensor out = at::empty({T, B, D, H}, opts);
   at::Tensor h_n = at::empty({D, B, H}, opts);
   at::Tensor c_n = at::empty({D, B, H}, opts);
   at::Tensor gates, cs;
   if (save) {
-    gates = at::empty({T, B, D, G}, opts);
+    gates = at::empty({T, B, D, 4 * H}, opts);
     cs = at::empty({T, B, D, H}, opts);
   }
   if (T > 0 && B > 0 && H > 0) {
     const std::vector<int64_t> len = lengths_vector(lengths, B, T);
-    if (gx.scalar_type() == at::kFloat)
-      forward_impl<float>(gx, w_hh, h0, c0, len, save, out, h_n, c_n, gates, cs);
+    if (opts.dtype() == at::kFloat)
+      forward_impl<float>(proj, w_hh, h0, c0, len, save, out, h_n, c_n, gates, cs);
     else
-      forward_impl<double>(gx, w_hh, h0, c0, len, save, out, h_n, c_n, gates, cs);
+      forward_impl<double>(proj, w_hh, h0, c0, len, save, out, h_n, c_n, gates, cs);
   } else {
     h_n.copy_(h0);
     c_n.copy_(c0);
   }
   return {out, h_n, c_n, gates, cs};
+}
+
+std::vector<at::Tensor> recurrence_forward(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0,
+                                           const at::Tensor& c0, const c10::optional<at::Tensor>& lengths,
+                                           bool save) {
+  check_inputs(gx, w_hh);
+  Projections proj;
+  proj.gx = gx.contiguous();
+  return forward_sweep(proj, w_hh, h0, c0, lengths, save, gx.size(0), gx.size(1), gx.size(2), gx.size(3) / 4,
+                       gx.options());
+}
+
+// The layer's forward from x: the recurrence contract's forward with the input projection done by
+// the tasks themselves (see Projections). x [T, B, I], w_ih [D, 4H, I], bias [D, 4H] or None.
+std::vector<at::Tensor> layer_forward(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& bias,
+                                      const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+                                      const c10::optional<at::Tensor>& lengths, bool save) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3, "native layer_forward: x must be a CPU [T, B, I] tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "native layer_forward: float32 or float64 only");
+  TORCH_CHECK(w_ih.dim() == 3 && w_ih.size(2) == x.size(2) && w_ih.size(1) % 4 == 0,
+              "native layer_forward: w_ih must be [D, 4H, I]");
+  const int64_t D = w_ih.size(0), H = w_ih.size(1) / 4;
+  TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(0) == D && w_hh.size(1) == 4 * H && w_hh.size(2) == H,
+              "native layer_forward: w_hh must be [D, 4H, H]");
+  const auto dt = x.scalar_type();
+  Projections proj;
+  proj.x = x.contiguous();
+  proj.w_ih = w_ih.to(dt).contiguous();
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == D && bias->size(1) == 4 * H,
+                "native layer_forward: bias must be [D, 4H]");
+    proj.bias = bias->to(dt).contiguous();
+  }
+  return forward_sweep(proj, w_hh, h0, c0, lengths, save, x.size(0), x.size(1), D, H, x.options());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -459,7 +632,7 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const 
     const Task& task = tasks[k];
     const int64_t d = task.d, nr = static_cast<int64_t>(task.rows.size());
     const int64_t* rows = task.rows.data();
-    at::Tensor w = w_hh[d];  // [4H, H]: dh_prev = dgates @ W_hh
+    const StepGemm<S> gemm(w_hh[d], T);  // dh_prev = dgates @ W_hh
     at::Tensor dh = at::empty({nr, H}, gates.options());
     at::Tensor dc = at::empty({nr, H}, gates.options());
     at::Tensor dg = at::empty({nr, G}, gates.options());
@@ -488,7 +661,7 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const 
                           cs_p + t * out_ts + d * H, c_prev, cp_rs, dh_p, dc_p, dg.data_ptr<S>(),
                           dgates_p + t * g_ts + d * G);
         at::Tensor dh_n_rows = dh.narrow(0, 0, n);
-        at::mm_out(dh_n_rows, dg.narrow(0, 0, n), w);
+        gemm.run(dg.narrow(0, 0, n), dh_n_rows);
       }
       // rows past their end: no gate gradient; the state gradients pass through untouched
       for (int64_t r = n; r < nr; ++r)
@@ -552,6 +725,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("recurrence_forward", &recurrence_forward, "forward sweep of one layer, all directions",
         py::arg("gx"), py::arg("w_hh"), py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("save"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("layer_forward", &layer_forward, "forward sweep of one layer from its input, the projection included",
+        py::arg("x"), py::arg("w_ih"), py::arg("bias"), py::arg("w_hh"), py::arg("h0"), py::arg("c0"),
+        py::arg("lengths"), py::arg("save"), py::call_guard<py::gil_scoped_release>());
   m.def("recurrence_backward", &recurrence_backward, "backward sweep of one layer, all directions",
         py::arg("dout"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"), py::arg("cs"),
         py::arg("c0"), py::arg("lengths"), py::call_guard<py::gil_scoped_release>());
