@@ -181,10 +181,9 @@ class LSTMLayerFunction(torch.autograd.Function):
         need = getattr(ctx, "need", None) or ctx.needs_input_grad
         if torch.is_grad_enabled() and not any(map(_vmapped, (dout, dh_n, dc_n))):
             return differentiable_backward(need, x, h0, c0, lengths, params, dout, dh_n, dc_n)
-        T, B, I = x.shape
+        T, B, _ = x.shape
         D = h0.shape[0]
         w_ih, w_hh, _, w_hr = split_directions(params, D)
-        G = w_hh.shape[1]
         P = h0.shape[2]
         out = out.view(T, B, D, P)
         # outputs the caller did not use arrive as None
@@ -194,43 +193,55 @@ class LSTMLayerFunction(torch.autograd.Function):
         dgates, dh0, dc0, dhs = ops.backward(
             dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, ctx.backend, w_hr
         )
-        dx = None
-        if need[0]:
-            dx = torch.mm(dgates.view(T * B, D * G), w_ih.reshape(D * G, I)).view(T, B, I)
         dh0 = dh0.to(h0.dtype) if need[1] else None
         dc0 = dc0.to(c0.dtype) if need[2] else None
-        h_prev = r = None
         per_direction = len(params) // D
         proj = w_hr is not None
+        need_d = [need[5 + d * per_direction:5 + (d + 1) * per_direction] for d in range(D)]
+        need_bias = [n[2:per_direction - proj] for n in need_d]
+        h_prev = previous_hidden(out, h0, lengths) if any(n[1] for n in need_d) else None  # [T, B, D, P]
+        dx, dw_ih, dw_hh, db = input_and_weight_gradients(
+            ctx.backend, dgates, x, h_prev, w_ih, need[0], [n[0] for n in need_d], [n[1] for n in need_d],
+            [any(n) for n in need_bias],
+        )
+        r = None
         param_grads = []
         for d in range(D):
-            # one GEMM per direction and parameter on strided views of dgates: no copy, and every
-            # parameter's gradient is a fresh tensor (einsum first copied dgates into a
-            # [D, 4H, T*B] layout, 2.4x slower; benchmarks/NOTES.md attempt 5)
-            first = 5 + d * per_direction
-            need_d = need[first:first + per_direction]
-            need_bias = need_d[2:per_direction - proj]
-            dgates_d = dgates[:, :, d].reshape(T * B, G)
-            dw_ih = dw_hh = None
-            if need_d[0]:
-                dw_ih = sum_over_rows(dgates_d, x.reshape(T * B, I))
-            if need_d[1]:
-                if h_prev is None:
-                    h_prev = previous_hidden(out, h0, lengths)  # [T, B, D, P]
-                dw_hh = sum_over_rows(dgates_d, h_prev[:, :, d].reshape(T * B, P))
-            param_grads += [dw_ih, dw_hh]
-            db = dgates_d.sum(0) if any(need_bias) else None
-            for k, needed in enumerate(need_bias):
+            param_grads += [dw_ih[d], dw_hh[d]]
+            for k, needed in enumerate(need_bias[d]):
                 # every bias term gets its own copy of the one gradient (a 4H vector: negligible)
-                param_grads.append(None if not needed else db if k == need_bias.index(True) else db.clone())
+                first = k == need_bias[d].index(True)
+                param_grads.append(None if not needed else db[d] if first else db[d].clone())
             if proj:
                 dw_hr = None
-                if need_d[-1]:
+                if need_d[d][-1]:
                     if r is None:
                         r = projected_input(gates, cs, x.dtype)  # [T, B, D, H]
                     dw_hr = sum_over_rows(dhs[:, :, d].reshape(T * B, P), r[:, :, d].reshape(T * B, -1))
                 param_grads.append(dw_hr)
         return (dx, dh0, dc0, None, None, *param_grads)
+
+
+def input_and_weight_gradients(backend, dgates, x, h_prev, w_ih, need_dx, need_w_ih, need_w_hh, need_bias):
+    """dx [T, B, I] and, per direction, lists of dW_ih, dW_hh and db (None where not needed), each
+    a fresh tensor, from dgates [T, B, D, 4H], x and h_prev [T, B, D, P]. One call of a backend
+    that runs these GEMMs itself (`layer_gradients`, ops.fused_backend), else one GEMM per
+    direction and parameter here, on strided views of dgates: no copy (einsum first copied dgates
+    into a [D, 4H, T*B] layout, 2.4x slower; benchmarks/NOTES.md attempt 5)."""
+    fused = ops.fused_backend(backend, x, None)
+    if fused is not None and hasattr(fused, "layer_gradients"):
+        dx, *flat = fused.layer_gradients(dgates, x, h_prev, w_ih, need_dx, need_w_ih, need_w_hh, need_bias)
+        return dx, flat[0::3], flat[1::3], flat[2::3]
+    T, B, D, G = dgates.shape
+    I = x.shape[2]
+    dx = torch.mm(dgates.view(T * B, D * G), w_ih.reshape(D * G, I)).view(T, B, I) if need_dx else None
+    dw_ih, dw_hh, db = [], [], []
+    for d in range(D):
+        dgates_d = dgates[:, :, d].reshape(T * B, G)
+        dw_ih.append(sum_over_rows(dgates_d, x.reshape(T * B, I)) if need_w_ih[d] else None)
+        dw_hh.append(sum_over_rows(dgates_d, h_prev[:, :, d].reshape(T * B, h_prev.shape[3])) if need_w_hh[d] else None)
+        db.append(dgates_d.sum(0) if need_bias[d] else None)
+    return dx, dw_ih, dw_hh, db
 
 
 class _EagerLSTMLayerFunction(torch.autograd.Function):

@@ -47,7 +47,13 @@ Optional extra, input projection (kernels/native.py): a backend module with a fu
 returns what recurrence_forward(x @ W_ih^T + bias, ...) returns, to fp rounding (the projection
 may be summed in another order), without the caller making gx. The layer op calls it in plain
 eager calls without a projection (bilstm_fast/ops.py `fused_backend`); compiled, traced and
-transformed calls go through the custom ops and the base contract.
+transformed calls go through the custom ops and the base contract. Likewise
+
+    layer_gradients(dgates, x, h_prev, w_ih, need_dx, need_w_ih, need_w_hh, need_bias)
+        -> [dx, then dW_ih, dW_hh, db for each direction], None where its need flag is False
+
+runs the GEMMs after the backward recurrence (bilstm_fast/function.py
+`input_and_weight_gradients` is the plain version), each result a fresh tensor.
 
 tests/test_contract.py checks these shapes, dtypes and the masking for every backend that
 `kernels.available_backends("cpu")` lists; kernels/reference.py is the plain loop they are all

@@ -60,5 +60,11 @@ def layer_forward(x, w_ih, bias, w_hh, h0, c0, lengths=None, save=True):
     return out, h_n, c_n, gates, cs
 
 
+def layer_gradients(dgates, x, h_prev, w_ih, need_dx, need_w_ih, need_w_hh, need_bias):
+    """dx and per direction dW_ih, dW_hh, db (the optional extra `layer_gradients` of
+    kernels/contract.py): [dx, dW_ih[0], dW_hh[0], db[0], dW_ih[1], ...], None where not needed."""
+    return _native.layer_gradients(dgates, x, h_prev, w_ih, need_dx, need_w_ih, need_w_hh, need_bias)
+
+
 def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None):
     return tuple(_native.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths))

@@ -139,3 +139,38 @@ def test_layer_forward_is_the_projection_then_the_recurrence(fused, case, dtype,
                     assert (o - e).abs().max().item() <= (1e-12 if dtype == torch.float64 else 1e-5) * scale
     finally:
         torch.set_num_threads(previous)
+
+
+GRADIENT_BACKENDS = [name for name in available_backends("cpu") if hasattr(recurrence_module(name), "layer_gradients")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", [(3, 2, 5, 4, 2), (600, 2, 3, 4, 2), (7, 3, 6, 5, 1)], ids=str)
+@pytest.mark.parametrize("fused", GRADIENT_BACKENDS)
+def test_layer_gradients_are_the_plain_gemms(fused, shape, dtype):
+    """The optional extra: layer_gradients gives function.py's plain GEMMs (fp64 to 1e-12, fp32 to
+    1e-5 of each result's scale: sums of up to T*B = 1200 products, in blocks of 512 rows either
+    way), None exactly where a result is not needed, and a tensor of its own for every result."""
+    from bilstm_fast.function import input_and_weight_gradients
+
+    T, B, I, P, D = shape
+    g = torch.Generator().manual_seed(2)
+    dgates = torch.randn(T, B, D, 4 * P, generator=g, dtype=dtype)
+    x = torch.randn(T, B, I, generator=g, dtype=dtype)
+    h_prev = torch.randn(T, B, D, P, generator=g, dtype=dtype)
+    w_ih = torch.randn(D, 4 * P, I, generator=g, dtype=dtype)
+    for need in ([True] * (1 + 3 * D), [False, True, False, True] * D):
+        need_dx, flags = need[0], need[1:1 + 3 * D]
+        args = (dgates, x, h_prev, w_ih, need_dx, flags[0::3], flags[1::3], flags[2::3])
+        got = recurrence_module(fused).layer_gradients(*args)
+        dx, dw_ih, dw_hh, db = input_and_weight_gradients("vectorized", *args)
+        expected = [dx] + [t for d in range(D) for t in (dw_ih[d], dw_hh[d], db[d])]
+        assert len(got) == len(expected)
+        for e, o in zip(expected, got):
+            assert (e is None) == (o is None)
+            if e is not None:
+                assert o.shape == e.shape and o.dtype == e.dtype
+                scale = e.abs().max().item()
+                assert (o - e).abs().max().item() <= (1e-12 if dtype == torch.float64 else 1e-5) * scale
+        storages = [t.untyped_storage().data_ptr() for t in got if t is not None]
+        assert len(set(storages)) == len(storages)

@@ -21,6 +21,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/core/LegacyTypeDispatch.h>  // AutoDispatchBelowADInplaceOrView
 #include <ATen/native/CPUBlas.h>             // cpublas::brgemm
@@ -706,6 +707,73 @@ std::vector<at::Tensor> recurrence_backward(const at::Tensor& dout_in, const at:
   return {dgates, dh0, dc0};
 }
 
+// ---------------------------------------------------------------------------------------------
+// The backward's GEMMs after the recurrence
+
+// Rows per partial GEMM of a weight gradient, as bilstm_fast/function.py's sum_over_rows: a
+// reduction over T*B rows as one GEMM per block and a sum of the blocks, so the accuracy does not
+// depend on how the BLAS library orders one long reduction.
+constexpr int64_t ROW_BLOCK = 512;
+
+static at::Tensor sum_over_rows(const at::Tensor& a, const at::Tensor& b) {  // a.t() @ b, a [n, M], b [n, N]
+  const int64_t n = a.size(0);
+  at::Tensor out = at::mm(a.narrow(0, 0, std::min(n, ROW_BLOCK)).t(), b.narrow(0, 0, std::min(n, ROW_BLOCK)));
+  for (int64_t start = ROW_BLOCK; start < n; start += ROW_BLOCK) {
+    const int64_t rows = std::min(ROW_BLOCK, n - start);
+    out.add_(at::mm(a.narrow(0, start, rows).t(), b.narrow(0, start, rows)));
+  }
+  return out;
+}
+
+// dx = dgates @ W_ih (both directions: K = D*4H) and, per direction d, dW_ih[d] = dgates_d^T x,
+// dW_hh[d] = dgates_d^T h_prev_d and db[d] = the column sums of dgates_d, each a fresh tensor,
+// undefined where its need flag is false. The GEMMs run as single-threaded tasks in one
+// fork/join, direction d's weight gradients beside one slice of dx's rows, instead of one
+// 2-thread team per GEMM (whose split of a GEMM costs efficiency, and which waits on a busy core
+// at every GEMM): dgates [T, B, D, 4H], x [T, B, I], h_prev [T, B, D, H] (undefined when no
+// W_hh gradient is needed), w_ih [D, 4H, I]. Returns [dx, then dW_ih, dW_hh, db per direction].
+std::vector<at::Tensor> layer_gradients(const at::Tensor& dgates_in, const at::Tensor& x_in,
+                                        const c10::optional<at::Tensor>& h_prev_in, const at::Tensor& w_ih_in,
+                                        bool need_dx, const std::vector<bool>& need_w_ih,
+                                        const std::vector<bool>& need_w_hh, const std::vector<bool>& need_bias) {
+  TORCH_CHECK(dgates_in.dim() == 4 && x_in.dim() == 3 && w_ih_in.dim() == 3, "native layer_gradients: bad ranks");
+  const int64_t T = dgates_in.size(0), B = dgates_in.size(1), D = dgates_in.size(2), G = dgates_in.size(3);
+  const int64_t I = x_in.size(2), n = T * B;
+  TORCH_CHECK(static_cast<int64_t>(need_w_ih.size()) == D && static_cast<int64_t>(need_w_hh.size()) == D &&
+                  static_cast<int64_t>(need_bias.size()) == D,
+              "native layer_gradients: one need flag per direction");
+  const auto dt = dgates_in.scalar_type();
+  at::Tensor dgates = dgates_in.contiguous();
+  at::Tensor x = x_in.to(dt).contiguous().view({n, I});
+  at::Tensor h_prev = h_prev_in.has_value() && h_prev_in->defined() ? h_prev_in->to(dt).contiguous() : at::Tensor();
+  at::Tensor w_ih = w_ih_in.to(dt).contiguous();
+  std::vector<at::Tensor> result(1 + 3 * D);
+  if (need_dx) result[0] = at::empty({T, B, I}, dgates.options());
+  // tasks: (direction d's weight gradients, slice d of dx's rows), interleaved so that a static
+  // split over two threads gives each thread one of each
+  at::parallel_for(0, 2 * D, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t d = k / 2;
+      if (k % 2 == 1) {
+        if (!need_dx) continue;
+        const int64_t first = n * d / D, rows = n * (d + 1) / D - first;
+        at::Tensor dx_rows = result[0].view({n, I}).narrow(0, first, rows);
+        at::mm_out(dx_rows, dgates.view({n, D * G}).narrow(0, first, rows), w_ih.view({D * G, I}));
+        continue;
+      }
+      at::Tensor dg = dgates.select(2, d).reshape({n, G});  // a strided view: row stride D*4H
+      if (need_w_ih[d]) result[1 + 3 * d] = sum_over_rows(dg, x);
+      if (need_w_hh[d]) {
+        TORCH_CHECK(h_prev.defined(), "native layer_gradients: h_prev is needed for W_hh's gradient");
+        result[2 + 3 * d] = sum_over_rows(dg, h_prev.select(2, d).reshape({n, h_prev.size(3)}));
+      }
+      if (need_bias[d]) result[3 + 3 * d] = at::sum(dg, {0});
+    }
+  });
+  return result;
+}
+
 // Which clone of the fused loops the loader picked on this CPU (for the benchmark's machine line).
 std::string simd_level() {
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(BILSTM_NO_CLONES)
@@ -731,6 +799,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("recurrence_backward", &recurrence_backward, "backward sweep of one layer, all directions",
         py::arg("dout"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"), py::arg("cs"),
         py::arg("c0"), py::arg("lengths"), py::call_guard<py::gil_scoped_release>());
+  m.def("layer_gradients", &layer_gradients, "the backward's input, weight and bias gradients after the recurrence",
+        py::arg("dgates"), py::arg("x"), py::arg("h_prev"), py::arg("w_ih"), py::arg("need_dx"), py::arg("need_w_ih"),
+        py::arg("need_w_hh"), py::arg("need_bias"), py::call_guard<py::gil_scoped_release>());
   m.def("simd_level", &simd_level, "the instruction-set level the fused loops run at on this CPU");
   m.def("openmp", []() {
 #ifdef _OPENMP
