@@ -7,6 +7,7 @@
 // calling thread) and one fused loop over the task's rows for the gate nonlinearities, the cell
 // and hidden update and every store (forward), or the gate gradients and state-gradient update
 // (backward).
+// With a projection (nn.LSTM's proj_size) a step has one more GEMM each way: see Forward, Backward.
 //
 // Lengths: each task keeps its rows sorted by length, longest first, in private contiguous state
 // buffers, so the rows still running at step t are a prefix and the GEMM covers exactly them.
