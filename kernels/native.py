@@ -6,6 +6,10 @@ one task; all tasks run at once in one fork/join per call and sweep their steps 
 for each other. A step is one GEMM (ATen's mm: MKL where torch has it) and one fused SIMD loop for
 the gate math, the cell and hidden update and every store. See the C++ file for the details.
 
+It implements the contract's optional projection extra (SUPPORTS_PROJECTION, `w_hr=`): with a
+projection a step is one more GEMM each way, h = (o * tanh(c)) @ W_hr^T forward and its
+transpose backward, around the same fused loops.
+
 Results are bitwise identical run to run at a given thread count. Across thread counts they can
 differ in the last bits when the batch split changes (a different number of rows per GEMM).
 """
@@ -29,6 +33,8 @@ _native, UNAVAILABLE_REASON = _load()
 
 DTYPES = (torch.float32, torch.float64)
 
+SUPPORTS_PROJECTION = True  # the optional projection extra of the contract (contract.py)
+
 
 def available():
     """Whether the compiled extension loaded."""
@@ -44,8 +50,8 @@ def simd_level():
     return _native.simd_level() if _native is not None else None
 
 
-def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True):
-    out, h_n, c_n, gates, cs = _native.recurrence_forward(gx, w_hh, h0, c0, lengths, save)
+def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True, w_hr=None):
+    out, h_n, c_n, gates, cs = _native.recurrence_forward(gx, w_hh, h0, c0, lengths, save, w_hr)
     if not save:
         gates = cs = None
     return out, h_n, c_n, gates, cs
@@ -66,5 +72,6 @@ def layer_gradients(dgates, x, h_prev, w_ih, need_dx, need_w_ih, need_w_hh, need
     return _native.layer_gradients(dgates, x, h_prev, w_ih, need_dx, need_w_ih, need_w_hh, need_bias)
 
 
-def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None):
-    return tuple(_native.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths))
+def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None, w_hr=None):
+    """-> dgates, dh0, dc0, and with a projection (w_hr) the gradient dh [T, B, D, P] too."""
+    return tuple(_native.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, w_hr))

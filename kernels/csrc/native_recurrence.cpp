@@ -2,11 +2,14 @@
 //
 // Schedule: one task per (direction, slice of batch rows); the tasks run concurrently in ONE
 // at::parallel_for (one fork/join per call) and each sweeps all of its steps alone, so no thread
-// waits for another inside the time loop. A step of a task is one GEMM through ATen
-// (at::mm_out: MKL or whatever BLAS this torch has; inside a parallel region it runs on the
-// calling thread) and one fused loop over the task's rows for the gate nonlinearities, the cell
-// and hidden update and every store (forward), or the gate gradients and state-gradient update
-// (backward).
+// waits for another inside the time loop. A step of a task is one GEMM through ATen (cpublas's
+// brgemm on weights packed once per call, or at::mm_out; inside a parallel region either runs on
+// the calling thread; see StepGemm) and one fused loop over the task's rows for the gate
+// nonlinearities, the cell and hidden update and every store (forward), or the gate gradients
+// and state-gradient update (backward). layer_forward also has each task project its own input,
+// a block of steps at a time, and layer_gradients runs the backward's GEMMs after the recurrence
+// as tasks too.
+// With a projection (nn.LSTM's proj_size) a step has one more GEMM each way: see Forward, Backward.
 //
 // Lengths: each task keeps its rows sorted by length, longest first, in private contiguous state
 // buffers, so the rows still running at step t are a prefix and the GEMM covers exactly them.
@@ -89,26 +92,20 @@ static ALWAYS_INLINE float exp_f32(float x) {
 
 static ALWAYS_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 
-// tanh(x): the odd rational minimax approximation of degree 13/6 used by Eigen and MLAS, clamped
-// where tanh rounds to +-1 in fp32; odd, so small arguments keep their relative accuracy.
+// tanh(x): Cephes' tanhf, within 1.3 ulp: an odd polynomial below |x| = 0.625, 1 - 2/(e^2|x| + 1)
+// above, then the sign. Near saturation the backward's 1 - tanh^2 cancels, so an ulp of tanh
+// there is a large relative error of a gradient: the rational approximation used before (Eigen,
+// MLAS) was up to 4.6 ulp off and put a weight gradient 1.4e-6 from nn.LSTM's (conformance s26).
 static ALWAYS_INLINE float tanh_act(float x) {
-  const float lim = 7.90531110763549805f;
-  float xc = x > lim ? lim : x;
-  xc = xc < -lim ? -lim : xc;
-  float x2 = xc * xc;
-  float p = -2.76076847742355e-16f;
-  p = p * x2 + 2.00018790482477e-13f;
-  p = p * x2 + -8.60467152213735e-11f;
-  p = p * x2 + 5.12229709037114e-08f;
-  p = p * x2 + 1.48572235717979e-05f;
-  p = p * x2 + 6.37261928875436e-04f;
-  p = p * x2 + 4.89352455891786e-03f;
-  p = p * xc;
-  float q = 1.19825839466702e-06f;
-  q = q * x2 + 1.18534705686654e-04f;
-  q = q * x2 + 2.26843463243900e-03f;
-  q = q * x2 + 4.89352518554385e-03f;
-  return p / q;
+  const float ax = std::fabs(x), z = x * x;
+  float p = -5.70498872745e-3f;
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const float small = p * z * ax + ax;
+  const float large = 1.0f - 2.0f / (exp_f32(2.0f * ax) + 1.0f);  // exp_f32 saturates to inf: 1
+  return std::copysign(ax < 0.625f ? small : large, x);
 }
 
 // fp64 is the exactness path: libm's exp and tanh.
@@ -118,16 +115,23 @@ static ALWAYS_INLINE double tanh_act(double x) { return std::tanh(x); }
 // ---------------------------------------------------------------------------------------------
 // Fused per-step loops. Row r of a task is batch row rows[r]; row-major [.., H] state buffers
 // are indexed by r, the [T, B, D, F] tensors by rows[r] through a row stride.
+//
+// The flags are template parameters, picked once per step by the entry points below, so the
+// loops themselves never branch. SAVE: also store the activated gates and the cell state for
+// the backward (training); without it (inference) the same arithmetic, hence the same bits.
+// PROJ (nn.LSTM's proj_size): o * tanh(c) is not yet the step's h but the input of the
+// projection GEMM that the caller runs after the loop, so the loop stores it to `h` only.
 
-template <typename S>
+template <typename S, bool SAVE, bool PROJ>
 static ALWAYS_INLINE void forward_rows(
     int64_t n, const int64_t* rows, int64_t H,
     const S* __restrict__ gx, const int64_t* gx_rows, int64_t gx_rs,  // row r's projections at gx + gx_rows[r] * gx_rs
     const S* __restrict__ hw,                 // [n, 4H]: h_prev @ W_hh^T of this step
-    S* __restrict__ h, S* __restrict__ c,     // [n, H] states, updated in place
-    S* __restrict__ out, int64_t out_rs,      // out at (t, 0, d)
-    S* __restrict__ gates, int64_t g_rs,      // nullptr, or gates at (t, 0, d)
-    S* __restrict__ cs) {                     // nullptr, or cs at (t, 0, d) (row stride out_rs)
+    S* __restrict__ h,                        // [n, H] out: o * tanh(c) (the h state unless PROJ)
+    S* __restrict__ c,                        // [n, H] cell state, updated in place
+    S* __restrict__ out, int64_t rs,          // out at (t, 0, d), unused with PROJ; rs: row stride of out and cs
+    S* __restrict__ gates, int64_t g_rs,      // SAVE: gates at (t, 0, d)
+    S* __restrict__ cs) {                     // SAVE: cs at (t, 0, d) (row stride rs)
   const int64_t G = 4 * H;
   for (int64_t r = 0; r < n; ++r) {
     const int64_t b = rows[r];
@@ -135,48 +139,37 @@ static ALWAYS_INLINE void forward_rows(
     const S* __restrict__ a = hw + r * G;
     S* __restrict__ hr = h + r * H;
     S* __restrict__ cr = c + r * H;
-    S* __restrict__ o_row = out + b * out_rs;
-    if (gates != nullptr) {
-      S* __restrict__ g_row = gates + b * g_rs;
-      S* __restrict__ c_row = cs + b * out_rs;
-      SIMD_LOOP
-      for (int64_t j = 0; j < H; ++j) {
-        S i = sigmoid(x[j] + a[j]);
-        S f = sigmoid(x[H + j] + a[H + j]);
-        S g = tanh_act(x[2 * H + j] + a[2 * H + j]);
-        S o = sigmoid(x[3 * H + j] + a[3 * H + j]);
-        S cn = f * cr[j] + i * g;
-        S hn = o * tanh_act(cn);
+    S* __restrict__ o_row = PROJ ? nullptr : out + b * rs;
+    S* __restrict__ g_row = SAVE ? gates + b * g_rs : nullptr;
+    S* __restrict__ c_row = SAVE ? cs + b * rs : nullptr;
+    SIMD_LOOP
+    for (int64_t j = 0; j < H; ++j) {
+      S i = sigmoid(x[j] + a[j]);
+      S f = sigmoid(x[H + j] + a[H + j]);
+      S g = tanh_act(x[2 * H + j] + a[2 * H + j]);
+      S o = sigmoid(x[3 * H + j] + a[3 * H + j]);
+      S cn = f * cr[j] + i * g;
+      S hn = o * tanh_act(cn);
+      if constexpr (SAVE) {
         g_row[j] = i;
         g_row[H + j] = f;
         g_row[2 * H + j] = g;
         g_row[3 * H + j] = o;
         c_row[j] = cn;
-        cr[j] = cn;
-        hr[j] = hn;
-        o_row[j] = hn;
       }
-    } else {
-      SIMD_LOOP
-      for (int64_t j = 0; j < H; ++j) {
-        S i = sigmoid(x[j] + a[j]);
-        S f = sigmoid(x[H + j] + a[H + j]);
-        S g = tanh_act(x[2 * H + j] + a[2 * H + j]);
-        S o = sigmoid(x[3 * H + j] + a[3 * H + j]);
-        S cn = f * cr[j] + i * g;
-        S hn = o * tanh_act(cn);
-        cr[j] = cn;
-        hr[j] = hn;
-        o_row[j] = hn;
-      }
+      cr[j] = cn;
+      hr[j] = hn;
+      if constexpr (!PROJ) o_row[j] = hn;
     }
   }
 }
 
-template <typename S>
+// PROJ: dh already holds the whole gradient of o * tanh(c) (the caller added dout, which is P
+// wide, before projecting it back through W_hr); without it the loop adds dout itself.
+template <typename S, bool PROJ>
 static ALWAYS_INLINE void backward_rows(
     int64_t n, const int64_t* rows, int64_t H,
-    const S* __restrict__ dout, int64_t out_rs,     // dout at (t, 0, d); cs shares the layout
+    const S* __restrict__ dout, int64_t rs,         // dout at (t, 0, d), unused with PROJ; rs: row stride of dout and cs
     const S* __restrict__ gates, int64_t g_rs,      // saved activated gates at (t, 0, d)
     const S* __restrict__ cs,                       // saved cell state at (t, 0, d)
     const S* __restrict__ c_prev, int64_t cp_rs,    // previous cell state: cs at the previous step, or c0
@@ -188,9 +181,9 @@ static ALWAYS_INLINE void backward_rows(
   for (int64_t r = 0; r < n; ++r) {
     const int64_t b = rows[r];
     const S* __restrict__ a = gates + b * g_rs;
-    const S* __restrict__ cr = cs + b * out_rs;
+    const S* __restrict__ cr = cs + b * rs;
     const S* __restrict__ cp = c_prev + b * cp_rs;
-    const S* __restrict__ dor = dout + b * out_rs;
+    const S* __restrict__ dor = PROJ ? nullptr : dout + b * rs;
     S* __restrict__ dhr = dh + r * H;
     S* __restrict__ dcr = dc + r * H;
     S* __restrict__ dgr = dg + r * G;
@@ -199,7 +192,8 @@ static ALWAYS_INLINE void backward_rows(
     for (int64_t j = 0; j < H; ++j) {
       S i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
       S tc = tanh_act(cr[j]);
-      S dht = dhr[j] + dor[j];
+      S dht = dhr[j];
+      if constexpr (!PROJ) dht += dor[j];
       S dct = dcr[j] + dht * o * (S(1) - tc * tc);
       S di = dct * g * (i * (S(1) - i));
       S df = dct * cp[j] * (f * (S(1) - f));
@@ -218,49 +212,79 @@ static ALWAYS_INLINE void backward_rows(
   }
 }
 
-// The multiversioned entry points (target_clones wants plain functions, not templates).
+// One specialised loop per flag combination, chosen here, outside the loops.
+template <typename S, typename... Args>
+static ALWAYS_INLINE void forward_rows_for(bool save, bool proj, Args... args) {
+  if (save)
+    proj ? forward_rows<S, true, true>(args...) : forward_rows<S, true, false>(args...);
+  else
+    proj ? forward_rows<S, false, true>(args...) : forward_rows<S, false, false>(args...);
+}
+template <typename S, typename... Args>
+static ALWAYS_INLINE void backward_rows_for(bool proj, Args... args) {
+  proj ? backward_rows<S, true>(args...) : backward_rows<S, false>(args...);
+}
+
+// The multiversioned entry points (target_clones wants plain functions, not templates). Without
+// gates (nullptr) the forward is the inference variant.
 MULTI_TARGET void forward_rows_f32(int64_t n, const int64_t* rows, int64_t H, const float* gx,
-                                   const int64_t* gx_rows, int64_t gx_rs,
-                                   const float* hw, float* h, float* c, float* out, int64_t out_rs,
-                                   float* gates, int64_t g_rs, float* cs) {
-  forward_rows<float>(n, rows, H, gx, gx_rows, gx_rs, hw, h, c, out, out_rs, gates, g_rs, cs);
+                                   const int64_t* gx_rows, int64_t gx_rs, const float* hw, float* h, float* c, float* out,
+                                   int64_t rs, float* gates, int64_t g_rs, float* cs, bool proj) {
+  forward_rows_for<float>(gates != nullptr, proj, n, rows, H, gx, gx_rows, gx_rs, hw, h, c, out, rs, gates, g_rs, cs);
 }
 MULTI_TARGET void forward_rows_f64(int64_t n, const int64_t* rows, int64_t H, const double* gx,
-                                   const int64_t* gx_rows, int64_t gx_rs,
-                                   const double* hw, double* h, double* c, double* out, int64_t out_rs,
-                                   double* gates, int64_t g_rs, double* cs) {
-  forward_rows<double>(n, rows, H, gx, gx_rows, gx_rs, hw, h, c, out, out_rs, gates, g_rs, cs);
+                                   const int64_t* gx_rows, int64_t gx_rs, const double* hw, double* h, double* c, double* out,
+                                   int64_t rs, double* gates, int64_t g_rs, double* cs, bool proj) {
+  forward_rows_for<double>(gates != nullptr, proj, n, rows, H, gx, gx_rows, gx_rs, hw, h, c, out, rs, gates, g_rs, cs);
 }
-MULTI_TARGET void backward_rows_f32(int64_t n, const int64_t* rows, int64_t H, const float* dout, int64_t out_rs,
+MULTI_TARGET void backward_rows_f32(int64_t n, const int64_t* rows, int64_t H, const float* dout, int64_t rs,
                                     const float* gates, int64_t g_rs, const float* cs, const float* c_prev,
-                                    int64_t cp_rs, float* dh, float* dc, float* dg, float* dgates) {
-  backward_rows<float>(n, rows, H, dout, out_rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, dgates);
+                                    int64_t cp_rs, float* dh, float* dc, float* dg, float* dgates, bool proj) {
+  backward_rows_for<float>(proj, n, rows, H, dout, rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, dgates);
 }
-MULTI_TARGET void backward_rows_f64(int64_t n, const int64_t* rows, int64_t H, const double* dout, int64_t out_rs,
+MULTI_TARGET void backward_rows_f64(int64_t n, const int64_t* rows, int64_t H, const double* dout, int64_t rs,
                                     const double* gates, int64_t g_rs, const double* cs, const double* c_prev,
-                                    int64_t cp_rs, double* dh, double* dc, double* dg, double* dgates) {
-  backward_rows<double>(n, rows, H, dout, out_rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, dgates);
+                                    int64_t cp_rs, double* dh, double* dc, double* dg, double* dgates, bool proj) {
+  backward_rows_for<double>(proj, n, rows, H, dout, rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, dgates);
 }
 
 static void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const float* gx, const int64_t* gx_rows,
-                             int64_t gx_rs, const float* hw, float* h, float* c, float* out, int64_t out_rs,
-                             float* gates, int64_t g_rs, float* cs) {
-  forward_rows_f32(n, rows, H, gx, gx_rows, gx_rs, hw, h, c, out, out_rs, gates, g_rs, cs);
+                             int64_t gx_rs, const float* hw, float* h, float* c, float* out, int64_t rs, float* gates,
+                             int64_t g_rs, float* cs, bool proj) {
+  forward_rows_f32(n, rows, H, gx, gx_rows, gx_rs, hw, h, c, out, rs, gates, g_rs, cs, proj);
 }
 static void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const double* gx, const int64_t* gx_rows,
-                             int64_t gx_rs, const double* hw, double* h, double* c, double* out, int64_t out_rs,
-                             double* gates, int64_t g_rs, double* cs) {
-  forward_rows_f64(n, rows, H, gx, gx_rows, gx_rs, hw, h, c, out, out_rs, gates, g_rs, cs);
+                             int64_t gx_rs, const double* hw, double* h, double* c, double* out, int64_t rs,
+                             double* gates, int64_t g_rs, double* cs, bool proj) {
+  forward_rows_f64(n, rows, H, gx, gx_rows, gx_rs, hw, h, c, out, rs, gates, g_rs, cs, proj);
 }
-static void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const float* dout, int64_t out_rs,
+static void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const float* dout, int64_t rs,
                               const float* gates, int64_t g_rs, const float* cs, const float* c_prev, int64_t cp_rs,
-                              float* dh, float* dc, float* dg, float* dgates) {
-  backward_rows_f32(n, rows, H, dout, out_rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, dgates);
+                              float* dh, float* dc, float* dg, float* dgates, bool proj) {
+  backward_rows_f32(n, rows, H, dout, rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, dgates, proj);
 }
-static void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const double* dout, int64_t out_rs,
+static void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const double* dout, int64_t rs,
                               const double* gates, int64_t g_rs, const double* cs, const double* c_prev,
-                              int64_t cp_rs, double* dh, double* dc, double* dg, double* dgates) {
-  backward_rows_f64(n, rows, H, dout, out_rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, dgates);
+                              int64_t cp_rs, double* dh, double* dc, double* dg, double* dgates, bool proj) {
+  backward_rows_f64(n, rows, H, dout, rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, dgates, proj);
+}
+
+// Projection, backward: dh += dout for the n running rows ([n, P]; exact, so any vector width
+// gives the same bits), also stored as the step's dh output, the gradient of the projected h.
+template <typename S>
+static void add_dout(int64_t n, const int64_t* rows, int64_t P, const S* __restrict__ dout, int64_t rs,
+                     S* __restrict__ dh, S* __restrict__ dh_out) {
+  for (int64_t r = 0; r < n; ++r) {
+    const S* __restrict__ dor = dout + rows[r] * rs;
+    S* __restrict__ dhr = dh + r * P;
+    S* __restrict__ dho = dh_out + rows[r] * rs;
+    SIMD_LOOP
+    for (int64_t j = 0; j < P; ++j) {
+      const S v = dhr[j] + dor[j];
+      dhr[j] = v;
+      dho[j] = v;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -396,6 +420,13 @@ class StepGemm {
 // ---------------------------------------------------------------------------------------------
 // Forward
 
+// ---------------------------------------------------------------------------------------------
+// Forward
+//
+// Projection (w_hr defined, [D, P, H]): the h state and out are P wide (P = H without one), and
+// a step is two GEMMs: the fused loop leaves o * tanh(c) in a task-private [rows, H] buffer, and
+// h = that @ W_hr^T goes into the h state, from which the running rows' out is copied.
+
 // Where a task's input projections x @ W_ih^T + b come from: the contract's precomputed gx
 // [T, B, D, 4H] (recurrence_forward), or x [T, B, I], W_ih [D, 4H, I] and the summed bias
 // [D, 4H] (undefined without bias), projected by the task itself a block of steps at a time
@@ -473,14 +504,16 @@ class ProjectionBlocks {
 };
 
 template <typename S>
-static void forward_impl(const Projections& proj, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
-                         const std::vector<int64_t>& len, bool save, at::Tensor& out, at::Tensor& h_n,
-                         at::Tensor& c_n, at::Tensor& gates, at::Tensor& cs) {
-  const int64_t T = out.size(0), B = out.size(1), D = out.size(2), H = out.size(3), G = 4 * H;
-  const int64_t g_rs = D * G, out_rs = D * H;  // row (batch) strides of the [T, B, D, F] tensors
-  const int64_t g_ts = B * g_rs, out_ts = B * out_rs;
-  const bool fused = !proj.gx.defined();
-  const S* gx_p = fused ? nullptr : proj.gx.data_ptr<S>();
+static void forward_impl(const Projections& input, const at::Tensor& w_hh, const at::Tensor& w_hr, const at::Tensor& h0,
+                         const at::Tensor& c0, const std::vector<int64_t>& len, bool save, at::Tensor& out,
+                         at::Tensor& h_n, at::Tensor& c_n, at::Tensor& gates, at::Tensor& cs) {
+  const int64_t T = out.size(0), B = out.size(1), D = out.size(2), H = c0.size(2), G = 4 * H;
+  const bool proj = w_hr.defined();
+  const int64_t P = h0.size(2);
+  const int64_t gx_rs = D * G, c_rs = D * H, out_rs = D * P;  // row (batch) strides of gx and gates, cs, out
+  const int64_t gx_ts = B * gx_rs, c_ts = B * c_rs, out_ts = B * out_rs;
+  const bool fused = !input.gx.defined();
+  const S* gx_p = fused ? nullptr : input.gx.data_ptr<S>();
   S* out_p = out.data_ptr<S>();
   S* gates_p = save ? gates.data_ptr<S>() : nullptr;
   S* cs_p = save ? cs.data_ptr<S>() : nullptr;
@@ -493,81 +526,111 @@ static void forward_impl(const Projections& proj, const at::Tensor& w_hh, const 
     const Task& task = tasks[k];
     const int64_t d = task.d, nr = static_cast<int64_t>(task.rows.size());
     const int64_t* rows = task.rows.data();
-    const StepGemm<S> gemm(w_hh[d].t(), T);  // h_prev @ W_hh^T
+    const StepGemm<S> recurrent(w_hh[d].t(), T);                                   // h_prev @ W_hh^T
+    c10::optional<StepGemm<S>> projection;                                        // u @ W_hr^T
+    if (proj) projection.emplace(w_hr[d].t(), T);
     c10::optional<ProjectionBlocks<S>> blocks;
-    if (fused) blocks.emplace(proj, task, len, T);
-    // task-private state, allocated on the thread that uses it: h [nr, H], c [nr, H], hw [nr, 4H]
-    at::Tensor h = at::empty({nr, H}, out.options());
+    if (fused) blocks.emplace(input, task, len, T);
+    // task-private state, allocated on the thread that uses it: h [nr, P], c [nr, H],
+    // hw [nr, 4H], and with a projection the unprojected h, u [nr, H]
+    at::Tensor h = at::empty({nr, P}, out.options());
     at::Tensor c = at::empty({nr, H}, out.options());
     at::Tensor hw = at::empty({nr, G}, out.options());
+    at::Tensor u = proj ? at::empty({nr, H}, out.options()) : h;
     S* h_p = h.data_ptr<S>();
     S* c_p = c.data_ptr<S>();
     for (int64_t r = 0; r < nr; ++r) {
-      std::memcpy(h_p + r * H, h0_p + (d * B + rows[r]) * H, H * sizeof(S));
+      std::memcpy(h_p + r * P, h0_p + (d * B + rows[r]) * P, P * sizeof(S));
       std::memcpy(c_p + r * H, c0_p + (d * B + rows[r]) * H, H * sizeof(S));
     }
     int64_t n = nr;
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = d == 0 ? s : T - 1 - s;
       n = active_rows(task, len, t, n);
-      const S* gx_t = fused ? blocks->base(s, t) : gx_p + t * g_ts + d * G;
+      S* out_t = out_p + t * out_ts + d * P;
+      const S* gx_t = fused ? blocks->base(s, t) : gx_p + t * gx_ts + d * G;
       if (n > 0) {
         at::Tensor hw_n = hw.narrow(0, 0, n);
-        gemm.run(h.narrow(0, 0, n), hw_n);
-        forward_rows_any(n, rows, H, gx_t, fused ? blocks->index() : rows, fused ? blocks->row_stride() : g_rs,
-                         hw.data_ptr<S>(), h_p, c_p, out_p + t * out_ts + d * H, out_rs,
-                         save ? gates_p + t * g_ts + d * G : nullptr, g_rs, save ? cs_p + t * out_ts + d * H : nullptr);
+        recurrent.run(h.narrow(0, 0, n), hw_n);
+        // the loop's out and cs share the row stride c_rs; with a projection it does not write out
+        forward_rows_any(n, rows, H, gx_t, fused ? blocks->index() : rows, fused ? blocks->row_stride() : gx_rs,
+                         hw.data_ptr<S>(), u.data_ptr<S>(), c_p, proj ? nullptr : out_t, c_rs,
+                         save ? gates_p + t * gx_ts + d * G : nullptr, gx_rs, save ? cs_p + t * c_ts + d * H : nullptr,
+                         proj);
+        if (proj) {
+          at::Tensor h_rows = h.narrow(0, 0, n);
+          projection->run(u.narrow(0, 0, n), h_rows);
+          for (int64_t r = 0; r < n; ++r) std::memcpy(out_t + rows[r] * out_rs, h_p + r * P, P * sizeof(S));
+        }
       }
       // rows past their end (t >= len): zero output; the saved cell state carries the state
       // (the final one going forward, c0 going back); the gates are never read there
       for (int64_t r = n; r < nr; ++r) {
         const int64_t b = rows[r];
-        std::memset(out_p + t * out_ts + b * out_rs + d * H, 0, H * sizeof(S));
+        std::memset(out_t + b * out_rs, 0, P * sizeof(S));
         if (save) {
-          std::memcpy(cs_p + t * out_ts + b * out_rs + d * H, c_p + r * H, H * sizeof(S));
-          std::memset(gates_p + t * g_ts + b * g_rs + d * G, 0, G * sizeof(S));
+          std::memcpy(cs_p + t * c_ts + b * c_rs + d * H, c_p + r * H, H * sizeof(S));
+          std::memset(gates_p + t * gx_ts + b * gx_rs + d * G, 0, G * sizeof(S));
         }
       }
     }
     for (int64_t r = 0; r < nr; ++r) {
-      std::memcpy(hn_p + (d * B + rows[r]) * H, h_p + r * H, H * sizeof(S));
+      std::memcpy(hn_p + (d * B + rows[r]) * P, h_p + r * P, P * sizeof(S));
       std::memcpy(cn_p + (d * B + rows[r]) * H, c_p + r * H, H * sizeof(S));
     }
   });
 }
 
-static void check_inputs(const at::Tensor& gx, const at::Tensor& w_hh) {
+// gx [T, B, D, 4H]; w_hh [D, 4H, P] with P = H, or with a projection w_hr [D, P, H].
+static void check_inputs(const at::Tensor& gx, const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr) {
   TORCH_CHECK(gx.device().is_cpu(), "native recurrence: CPU tensors only");
   TORCH_CHECK(gx.dim() == 4 && gx.size(3) % 4 == 0, "native recurrence: gx must be [T, B, D, 4H]");
   TORCH_CHECK(gx.scalar_type() == at::kFloat || gx.scalar_type() == at::kDouble,
               "native recurrence: float32 or float64 only");
-  const int64_t D = gx.size(2), G = gx.size(3);
-  TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(0) == D && w_hh.size(1) == G && w_hh.size(2) == G / 4,
-              "native recurrence: w_hh must be [D, 4H, H]");
+  const int64_t D = gx.size(2), G = gx.size(3), H = G / 4;
+  int64_t P = H;
+  if (w_hr.has_value()) {
+    TORCH_CHECK(w_hr->dim() == 3 && w_hr->size(0) == D && w_hr->size(2) == H,
+                "native recurrence: w_hr must be [D, P, H]");
+    P = w_hr->size(1);
+  }
+  TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(0) == D && w_hh.size(1) == G && w_hh.size(2) == P,
+              "native recurrence: w_hh must be [D, 4H, H], or [D, 4H, P] with w_hr [D, P, H]");
+}
+
+// w_hr, in the given dtype and contiguous, or an undefined tensor without a projection.
+static at::Tensor projection_weight(const c10::optional<at::Tensor>& w_hr, const at::ScalarType dtype) {
+  return w_hr.has_value() ? w_hr->to(dtype).contiguous() : at::Tensor();
 }
 
 // The sweep for either source of projections; T, B, D, H and the options from that source.
-static std::vector<at::Tensor> forward_sweep(const Projections& proj, const at::Tensor& w_hh_in, const at::Tensor& h0_in,
+static std::vector<at::Tensor> forward_sweep(const Projections& input, const at::Tensor& w_hh_in,
+                                             const c10::optional<at::Tensor>& w_hr_in, const at::Tensor& h0_in,
                                              const at::Tensor& c0_in, const c10::optional<at::Tensor>& lengths,
                                              bool save, int64_t T, int64_t B, int64_t D, int64_t H,
                                              const at::TensorOptions& opts) {
-  at::Tensor w_hh = w_hh_in.to(opts.dtype()).contiguous();
-  at::Tensor h0 = h0_in.to(opts.dtype()).contiguous();
-  at::Tensor c0 = c0_in.to(opts.dtype()).contiguous();
-  at::Tensor out = at::empty({T, B, D, H}, opts);
-  at::Tensor h_n = at::empty({D, B, H}, opts);
+  const auto dt = opts.dtype().toScalarType();
+  at::Tensor w_hh = w_hh_in.to(dt).contiguous();
+  at::Tensor w_hr = projection_weight(w_hr_in, dt);
+  at::Tensor h0 = h0_in.to(dt).contiguous();
+  at::Tensor c0 = c0_in.to(dt).contiguous();
+  const int64_t G = 4 * H, P = w_hh.size(2);
+  TORCH_CHECK(h0.sizes() == at::IntArrayRef({D, B, P}) && c0.sizes() == at::IntArrayRef({D, B, H}),
+              "native recurrence: h0 must be [D, B, P] and c0 [D, B, H]");
+  at::Tensor out = at::empty({T, B, D, P}, opts);
+  at::Tensor h_n = at::empty({D, B, P}, opts);
   at::Tensor c_n = at::empty({D, B, H}, opts);
   at::Tensor gates, cs;
   if (save) {
-    gates = at::empty({T, B, D, 4 * H}, opts);
+    gates = at::empty({T, B, D, G}, opts);
     cs = at::empty({T, B, D, H}, opts);
   }
   if (T > 0 && B > 0 && H > 0) {
     const std::vector<int64_t> len = lengths_vector(lengths, B, T);
-    if (opts.dtype() == at::kFloat)
-      forward_impl<float>(proj, w_hh, h0, c0, len, save, out, h_n, c_n, gates, cs);
+    if (dt == at::kFloat)
+      forward_impl<float>(input, w_hh, w_hr, h0, c0, len, save, out, h_n, c_n, gates, cs);
     else
-      forward_impl<double>(proj, w_hh, h0, c0, len, save, out, h_n, c_n, gates, cs);
+      forward_impl<double>(input, w_hh, w_hr, h0, c0, len, save, out, h_n, c_n, gates, cs);
   } else {
     h_n.copy_(h0);
     c_n.copy_(c0);
@@ -577,16 +640,17 @@ static std::vector<at::Tensor> forward_sweep(const Projections& proj, const at::
 
 std::vector<at::Tensor> recurrence_forward(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& h0,
                                            const at::Tensor& c0, const c10::optional<at::Tensor>& lengths,
-                                           bool save) {
-  check_inputs(gx, w_hh);
-  Projections proj;
-  proj.gx = gx.contiguous();
-  return forward_sweep(proj, w_hh, h0, c0, lengths, save, gx.size(0), gx.size(1), gx.size(2), gx.size(3) / 4,
-                       gx.options());
+                                           bool save, const c10::optional<at::Tensor>& w_hr) {
+  check_inputs(gx, w_hh, w_hr);
+  Projections input;
+  input.gx = gx.contiguous();
+  return forward_sweep(input, w_hh, w_hr, h0, c0, lengths, save, gx.size(0), gx.size(1), gx.size(2),
+                       gx.size(3) / 4, gx.options());
 }
 
 // The layer's forward from x: the recurrence contract's forward with the input projection done by
-// the tasks themselves (see Projections). x [T, B, I], w_ih [D, 4H, I], bias [D, 4H] or None.
+// the tasks themselves (see Projections). x [T, B, I], w_ih [D, 4H, I], bias [D, 4H] or None; no
+// output projection (layers with one take the contract's path).
 std::vector<at::Tensor> layer_forward(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& bias,
                                       const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
                                       const c10::optional<at::Tensor>& lengths, bool save) {
@@ -599,26 +663,34 @@ std::vector<at::Tensor> layer_forward(const at::Tensor& x, const at::Tensor& w_i
   TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(0) == D && w_hh.size(1) == 4 * H && w_hh.size(2) == H,
               "native layer_forward: w_hh must be [D, 4H, H]");
   const auto dt = x.scalar_type();
-  Projections proj;
-  proj.x = x.contiguous();
-  proj.w_ih = w_ih.to(dt).contiguous();
+  Projections input;
+  input.x = x.contiguous();
+  input.w_ih = w_ih.to(dt).contiguous();
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 2 && bias->size(0) == D && bias->size(1) == 4 * H,
                 "native layer_forward: bias must be [D, 4H]");
-    proj.bias = bias->to(dt).contiguous();
+    input.bias = bias->to(dt).contiguous();
   }
-  return forward_sweep(proj, w_hh, h0, c0, lengths, save, x.size(0), x.size(1), D, H, x.options());
+  return forward_sweep(input, w_hh, c10::nullopt, h0, c0, lengths, save, x.size(0), x.size(1), D, H, x.options());
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward
+//
+// Projection: the carried dh is P wide. A step adds dout to it (and saves that, the returned dh),
+// takes it back through the projection (one GEMM, dh @ W_hr, into a [rows, H] buffer) and runs the
+// fused loop on the result; dh = dgates @ W_hh then gives the previous step's P-wide dh as before.
 
 template <typename S>
 static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const at::Tensor& dc_n,
-                          const at::Tensor& w_hh, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& c0,
-                          const std::vector<int64_t>& len, at::Tensor& dgates, at::Tensor& dh0, at::Tensor& dc0) {
+                          const at::Tensor& w_hh, const at::Tensor& w_hr, const at::Tensor& gates,
+                          const at::Tensor& cs, const at::Tensor& c0, const std::vector<int64_t>& len,
+                          at::Tensor& dgates, at::Tensor& dh0, at::Tensor& dc0, at::Tensor& dhs) {
   const int64_t T = gates.size(0), B = gates.size(1), D = gates.size(2), G = gates.size(3), H = G / 4;
-  const int64_t g_rs = D * G, out_rs = D * H, g_ts = B * g_rs, out_ts = B * out_rs;
+  const bool proj = w_hr.defined();
+  const int64_t P = dh_n.size(2);
+  const int64_t g_rs = D * G, c_rs = D * H, h_rs = D * P;  // row strides: gates, cs, dout (and dhs)
+  const int64_t g_ts = B * g_rs, c_ts = B * c_rs, h_ts = B * h_rs;
   const S* dout_p = dout.data_ptr<S>();
   const S* gates_p = gates.data_ptr<S>();
   const S* cs_p = cs.data_ptr<S>();
@@ -628,19 +700,24 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const 
   S* dgates_p = dgates.data_ptr<S>();
   S* dh0_p = dh0.data_ptr<S>();
   S* dc0_p = dc0.data_ptr<S>();
+  S* dhs_p = proj ? dhs.data_ptr<S>() : nullptr;
   std::vector<Task> tasks = make_tasks(len, D);
   run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t k) {
     const Task& task = tasks[k];
     const int64_t d = task.d, nr = static_cast<int64_t>(task.rows.size());
     const int64_t* rows = task.rows.data();
-    const StepGemm<S> gemm(w_hh[d], T);  // dh_prev = dgates @ W_hh
-    at::Tensor dh = at::empty({nr, H}, gates.options());
+    const StepGemm<S> recurrent(w_hh[d], T);  // dh_prev = dgates @ W_hh [4H, P]
+    c10::optional<StepGemm<S>> projection;    // du = dh @ W_hr [P, H]
+    if (proj) projection.emplace(w_hr[d], T);
+    at::Tensor dh = at::empty({nr, P}, gates.options());
     at::Tensor dc = at::empty({nr, H}, gates.options());
     at::Tensor dg = at::empty({nr, G}, gates.options());
+    // with a projection, the gradient of o * tanh(c): du = dh @ W_hr [nr, H]
+    at::Tensor du = proj ? at::empty({nr, H}, gates.options()) : dh;
     S* dh_p = dh.data_ptr<S>();
     S* dc_p = dc.data_ptr<S>();
     for (int64_t r = 0; r < nr; ++r) {
-      std::memcpy(dh_p + r * H, dhn_p + (d * B + rows[r]) * H, H * sizeof(S));
+      std::memcpy(dh_p + r * P, dhn_p + (d * B + rows[r]) * P, P * sizeof(S));
       std::memcpy(dc_p + r * H, dcn_p + (d * B + rows[r]) * H, H * sizeof(S));
     }
     int64_t n = 0;
@@ -655,31 +732,42 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const 
           cp_rs = H;
         } else {  // the neighbouring saved state: for a sequence starting at len-1 going back, c0
           const int64_t tp = d == 0 ? t - 1 : t + 1;
-          c_prev = cs_p + tp * out_ts + d * H;
-          cp_rs = out_rs;
+          c_prev = cs_p + tp * c_ts + d * H;
+          cp_rs = c_rs;
         }
-        backward_rows_any(n, rows, H, dout_p + t * out_ts + d * H, out_rs, gates_p + t * g_ts + d * G, g_rs,
-                          cs_p + t * out_ts + d * H, c_prev, cp_rs, dh_p, dc_p, dg.data_ptr<S>(),
-                          dgates_p + t * g_ts + d * G);
-        at::Tensor dh_n_rows = dh.narrow(0, 0, n);
-        gemm.run(dg.narrow(0, 0, n), dh_n_rows);
+        const S* dout_t = dout_p + t * h_ts + d * P;
+        if (proj) {
+          add_dout(n, rows, P, dout_t, h_rs, dh_p, dhs_p + t * h_ts + d * P);
+          at::Tensor du_rows = du.narrow(0, 0, n);
+          projection->run(dh.narrow(0, 0, n), du_rows);
+        }
+        // the loop's dout and cs share the row stride c_rs; with a projection it does not read dout
+        backward_rows_any(n, rows, H, proj ? nullptr : dout_t, c_rs, gates_p + t * g_ts + d * G, g_rs,
+                          cs_p + t * c_ts + d * H, c_prev, cp_rs, du.data_ptr<S>(), dc_p, dg.data_ptr<S>(),
+                          dgates_p + t * g_ts + d * G, proj);
+        at::Tensor dh_rows = dh.narrow(0, 0, n);
+        recurrent.run(dg.narrow(0, 0, n), dh_rows);
       }
-      // rows past their end: no gate gradient; the state gradients pass through untouched
-      for (int64_t r = n; r < nr; ++r)
+      // rows past their end: no gate gradient (nor dh); the state gradients pass through untouched
+      for (int64_t r = n; r < nr; ++r) {
         std::memset(dgates_p + t * g_ts + rows[r] * g_rs + d * G, 0, G * sizeof(S));
+        if (proj) std::memset(dhs_p + t * h_ts + rows[r] * h_rs + d * P, 0, P * sizeof(S));
+      }
     }
     for (int64_t r = 0; r < nr; ++r) {
-      std::memcpy(dh0_p + (d * B + rows[r]) * H, dh_p + r * H, H * sizeof(S));
+      std::memcpy(dh0_p + (d * B + rows[r]) * P, dh_p + r * P, P * sizeof(S));
       std::memcpy(dc0_p + (d * B + rows[r]) * H, dc_p + r * H, H * sizeof(S));
     }
   });
 }
 
+// -> dgates, dh0, dc0, and with a projection dh [T, B, D, P].
 std::vector<at::Tensor> recurrence_backward(const at::Tensor& dout_in, const at::Tensor& dh_n_in,
                                             const at::Tensor& dc_n_in, const at::Tensor& w_hh_in,
                                             const at::Tensor& gates_in, const at::Tensor& cs_in,
-                                            const at::Tensor& c0_in, const c10::optional<at::Tensor>& lengths) {
-  check_inputs(gates_in, w_hh_in);
+                                            const at::Tensor& c0_in, const c10::optional<at::Tensor>& lengths,
+                                            const c10::optional<at::Tensor>& w_hr_in) {
+  check_inputs(gates_in, w_hh_in, w_hr_in);
   const auto opts = gates_in.options();
   const auto dt = opts.dtype();
   at::Tensor gates = gates_in.contiguous();
@@ -688,22 +776,30 @@ std::vector<at::Tensor> recurrence_backward(const at::Tensor& dout_in, const at:
   at::Tensor dh_n = dh_n_in.to(dt).contiguous();
   at::Tensor dc_n = dc_n_in.to(dt).contiguous();
   at::Tensor w_hh = w_hh_in.to(dt).contiguous();
+  at::Tensor w_hr = projection_weight(w_hr_in, gates.scalar_type());
   at::Tensor c0 = c0_in.to(dt).contiguous();
   const int64_t T = gates.size(0), B = gates.size(1), D = gates.size(2), G = gates.size(3), H = G / 4;
+  const int64_t P = w_hh.size(2);
+  TORCH_CHECK(dout.sizes() == at::IntArrayRef({T, B, D, P}) && dh_n.sizes() == at::IntArrayRef({D, B, P}) &&
+                  dc_n.sizes() == at::IntArrayRef({D, B, H}),
+              "native recurrence: dout must be [T, B, D, P], dh_n [D, B, P] and dc_n [D, B, H]");
   at::Tensor dgates = at::empty({T, B, D, G}, opts);
-  at::Tensor dh0 = at::empty({D, B, H}, opts);
+  at::Tensor dh0 = at::empty({D, B, P}, opts);
   at::Tensor dc0 = at::empty({D, B, H}, opts);
+  at::Tensor dhs = w_hr.defined() ? at::empty({T, B, D, P}, opts) : at::Tensor();
   if (T > 0 && B > 0 && H > 0) {
     const std::vector<int64_t> len = lengths_vector(lengths, B, T);
     if (gates.scalar_type() == at::kFloat)
-      backward_impl<float>(dout, dh_n, dc_n, w_hh, gates, cs, c0, len, dgates, dh0, dc0);
+      backward_impl<float>(dout, dh_n, dc_n, w_hh, w_hr, gates, cs, c0, len, dgates, dh0, dc0, dhs);
     else
-      backward_impl<double>(dout, dh_n, dc_n, w_hh, gates, cs, c0, len, dgates, dh0, dc0);
+      backward_impl<double>(dout, dh_n, dc_n, w_hh, w_hr, gates, cs, c0, len, dgates, dh0, dc0, dhs);
   } else {
     dgates.zero_();
     dh0.copy_(dh_n);
     dc0.copy_(dc_n);
+    if (dhs.defined()) dhs.zero_();
   }
+  if (dhs.defined()) return {dgates, dh0, dc0, dhs};
   return {dgates, dh0, dc0};
 }
 
@@ -792,13 +888,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bilstm_fast native CPU recurrence (see kernels/native.py)";
   m.def("recurrence_forward", &recurrence_forward, "forward sweep of one layer, all directions",
         py::arg("gx"), py::arg("w_hh"), py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("save"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("w_hr") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("recurrence_backward", &recurrence_backward, "backward sweep of one layer, all directions",
+        py::arg("dout"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"), py::arg("cs"),
+        py::arg("c0"), py::arg("lengths"), py::arg("w_hr") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("layer_forward", &layer_forward, "forward sweep of one layer from its input, the projection included",
         py::arg("x"), py::arg("w_ih"), py::arg("bias"), py::arg("w_hh"), py::arg("h0"), py::arg("c0"),
         py::arg("lengths"), py::arg("save"), py::call_guard<py::gil_scoped_release>());
-  m.def("recurrence_backward", &recurrence_backward, "backward sweep of one layer, all directions",
-        py::arg("dout"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_hh"), py::arg("gates"), py::arg("cs"),
-        py::arg("c0"), py::arg("lengths"), py::call_guard<py::gil_scoped_release>());
   m.def("layer_gradients", &layer_gradients, "the backward's input, weight and bias gradients after the recurrence",
         py::arg("dgates"), py::arg("x"), py::arg("h_prev"), py::arg("w_ih"), py::arg("need_dx"), py::arg("need_w_ih"),
         py::arg("need_w_hh"), py::arg("need_bias"), py::call_guard<py::gil_scoped_release>());
