@@ -363,22 +363,25 @@ static void run_tasks(int64_t n_tasks, const Fn& fn) {
 // The step GEMM: C[n, N] (+)= A[n, K] @ W for a weight W [K, N] fixed for the whole call (W_hh^T
 // going forward, W_hh going back, W_ih^T for the input projection of a block of steps).
 //
-// fp32: W is packed once per call into column panels of PANEL columns, each [K, PANEL]
-// contiguous, and every step runs ATen's cpublas::brgemm (oneDNN's JIT micro-kernel where torch
-// has it, ATen's gemm otherwise) panel by panel. MKL's sgemm repacks W on every call, which at
-// a step's few rows (n <= B) costs as much as the multiply once W outgrows the L2 cache
-// (benchmarks/NOTES.md attempt 21). A brgemm kernel is generated once per shape and thread
-// (tens of microseconds) and cached by ATen, so calls whose active row count changes from step
-// to step (lengths) pay that once per distinct count.
-// fp64 (the exactness path) and small weights: at::mm_out on W made contiguous once. A weight used
-// for a call or two (streaming generation) is multiplied as it is: a copy would cost more than it saves.
+// Packed (the forward's W_hh^T, fp32, at least PACK_MIN elements): W is packed once per call into
+// column panels of PANEL columns, each [K, PANEL] contiguous, and every step runs ATen's
+// cpublas::brgemm (oneDNN's JIT micro-kernel where torch has it, ATen's gemm otherwise) panel by
+// panel. MKL's sgemm repacks W on every call, which at a step's few rows (n <= B) is a large share
+// of the step once W outgrows L2: one thread, H=512 B32 505 -> 445 us, H=768 B16 870 -> 669; no
+// gain at H=256 (W fits L2), none for the backward's W_hh (K = 4H, N = H: 458 -> 505, worse) nor
+// for the input projection's hundreds of rows (benchmarks/NOTES.md attempt 23). A brgemm kernel is
+// generated once per shape and thread (tens of microseconds) and cached by ATen, so calls whose
+// running row count changes from step to step (lengths) pay that once per distinct count.
+// Otherwise at::mm_out on W made contiguous once; a weight used for a call or two (streaming
+// generation) is multiplied as it is: a copy would cost more than it saves.
 constexpr int64_t PANEL = 32;
+constexpr int64_t PACK_MIN = int64_t{1} << 20;  // 4 MB of fp32: H = 512
 
 template <typename S>
 class StepGemm {
  public:
-  StepGemm(const at::Tensor& w, int64_t calls) : K_(w.size(0)), N_(w.size(1)) {
-    use_panels_ = std::is_same<S, float>::value && K_ * N_ >= (int64_t{1} << 16) && calls > 2;
+  StepGemm(const at::Tensor& w, int64_t calls, bool pack = false) : K_(w.size(0)), N_(w.size(1)) {
+    use_panels_ = pack && std::is_same<S, float>::value && K_ * N_ >= PACK_MIN && calls > 2;
     if (!use_panels_) {
       w_ = calls > 2 ? w.contiguous() : w;
       return;
@@ -526,7 +529,7 @@ static void forward_impl(const Projections& input, const at::Tensor& w_hh, const
     const Task& task = tasks[k];
     const int64_t d = task.d, nr = static_cast<int64_t>(task.rows.size());
     const int64_t* rows = task.rows.data();
-    const StepGemm<S> recurrent(w_hh[d].t(), T);                                   // h_prev @ W_hh^T
+    const StepGemm<S> recurrent(w_hh[d].t(), T, /*pack=*/true);                    // h_prev @ W_hh^T
     c10::optional<StepGemm<S>> projection;                                        // u @ W_hr^T
     if (proj) projection.emplace(w_hr[d].t(), T);
     c10::optional<ProjectionBlocks<S>> blocks;
