@@ -1,10 +1,12 @@
 """The one-layer, all-directions LSTM op as an autograd Function.
 
-Work with no time dependency is done here as single large GEMMs, for every backend alike:
-the input projection of all steps and directions before the recurrence, and the input,
-weight and bias gradients after it. Only the recurrence itself comes from the backend.
-When nothing needs a gradient, `lstm_layer` skips the Function and runs the inference
-recurrence, which keeps nothing for a backward.
+Work with no time dependency is done here as single large GEMMs: the input projection of all
+steps and directions before the recurrence, and the input, weight and bias gradients after it.
+The recurrence itself comes from the backend. A backend may take over those GEMMs too (the
+optional extras `layer_forward` and `layer_gradients` of kernels/contract.py: the native CPU
+backend runs them inside its per-direction tasks); plain eager calls then use it, compiled and
+traced ones keep the GEMMs here. When nothing needs a gradient, `lstm_layer` skips the Function
+and runs the inference recurrence, which keeps nothing for a backward.
 """
 from typing import List, Optional, Tuple
 
