@@ -212,8 +212,7 @@ class LSTMLayerFunction(torch.autograd.Function):
             param_grads += [dw_ih[d], dw_hh[d]]
             for k, needed in enumerate(need_bias[d]):
                 # every bias term gets its own copy of the one gradient (a 4H vector: negligible)
-                first = k == need_bias[d].index(True)
-                param_grads.append(None if not needed else db[d] if first else db[d].clone())
+                param_grads.append(None if not needed else db[d] if k == need_bias[d].index(True) else db[d].clone())
             if proj:
                 dw_hr = None
                 if need_d[d][-1]:

@@ -127,3 +127,21 @@ def test_training_with_clipping_follows_nn_lstm(config, backend):
         runs.append(dict(model.named_parameters()))
     for name, p in runs[0].items():
         torch.testing.assert_close(runs[1][name], p, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("frozen", [("bias_ih_l0",), ("bias_ih_l0_reverse", "bias_hh_l0_reverse"), ("weight_ih_l0",)],
+                         ids=str)
+def test_frozen_parameters_get_no_grad_and_the_rest_nn_lstm_grads(frozen, backend):
+    """A frozen bias term (one of a direction's two, or both) or weight: no gradient for it, and
+    nn.LSTM's for the others (each direction's need flags are read on their own)."""
+    ref, fast = make_pair("bi-1layer", backend)
+    for model in (ref, fast):
+        for name in frozen:
+            getattr(model, name).requires_grad_(False)
+        backward(model, seed=3)
+    for name, g in grads(ref).items():
+        if name in frozen:
+            assert g is None and grads(fast)[name] is None, name
+        else:
+            torch.testing.assert_close(grads(fast)[name], g, **F64, msg=lambda m: f"{name}: {m}")
