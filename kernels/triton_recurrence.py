@@ -36,6 +36,28 @@ in registers), so its MMA tile is wide enough for every warp to do distinct work
 The planner (kernels/planner.py, `plan_schedule`) picks the schedule, block sizes and W_hh
 placement from the shape, the dtype and the GPU's SM count; its names stay importable from here.
 
+Projection (the contract's extra, nn.LSTM's proj_size = P <= H, `w_hr` [D, P, H]): h = r @ W_hr^T
+with r = o * tanh(c), so W_hh is [4H, P] and the recurrent dot's K is P. A chunk of h needs r of
+every hidden unit, which other programs (or chunks) produce, so each step becomes two stages,
+with the schedule's own meeting point between them as between steps (tile: bar.sync; persistent:
+the group barrier, now twice per step; stepwise: one launch per stage, each kind of stage a
+kernel of its own, constexpr STAGE):
+  forward   stage 2s     `_fwd_step` per hidden chunk, as without a projection, but r goes to
+                         an exchange buffer [D, B, H] instead of h to the ping-pong buffer;
+            stage 2s+1   `_fwd_project` per chunk of P: h = r @ W_hr^T (K = H), then the usual
+                         h stores (ping-pong half, out, h_n).
+  backward  stage 2s     `_bwd_dh` per chunk of P: dh = dgates_{s-1} @ W_hh (K = 4H) + dout, the
+                         contract's fourth result (zero past each end) and an exchange [D, B, P];
+            stage 2s+1   per hidden chunk: dr = dh @ W_hr (K = P, `_bwd_project`), then the gate
+                         gradients of `_bwd_gates` with dr where dh was.
+Phase T needs only its first stage (dh0), so the backward runs 2T + 1 stages. The chunks of P
+are the programs' own chunk indices (program i_n owns P chunk i_n, PP <= HP; programs past P
+idle through a projection stage; a tile program walks them all). W_hr is always streamed from
+L2 in BLOCK_K chunks, W_hh resident or streamed as planned: the planner plans a projection layer
+on H alone, which over-estimates its W_hh slices (forward [PP, 4*BN] instead of [HP, 4*BN];
+the backward's [HP, BN] x 4 is unchanged), so every plan it picks fits the same budgets.
+Without a projection (PROJ = False) the kernels are the one-stage-per-step code they were.
+
 Reverse time and lengths: at step s row b of the direction that walks time backwards works on
 t = len_b - 1 - s while s < len_b (so it starts at its own last valid step, no flips); for
 s >= len_b every row fills position t = s (out/gates/dgates zero, cs the carried state). Each
@@ -47,12 +69,14 @@ barrier that closes the step).
 Numerics: gates and the cell update in fp32, cell state always fp32 (state buffer and cs;
 fp64 throughout for fp64 input, as the vectorized path);
 h, out, gates, dgates stored in the input dtype; the recurrent dot reads h (dgates) in the
-input dtype like the vectorized path does. fp32 dots are TF32 when cuDNN's RNN may use TF32
+input dtype like the vectorized path does (with a projection, r and dh are exchanged in the
+input dtype too: they are the projection dots' operands). fp32 dots are TF32 when cuDNN's RNN may use TF32
 (`torch.backends.cudnn.rnn.fp32_precision`, else `torch.backends.cudnn.allow_tf32`), IEEE
 otherwise. No atomics touch results: every element is written by exactly one program, in a
 fixed order, so results are bitwise reproducible. Offsets that scale with T*B go through int64.
 
-What runs without a GPU: the plain interpreter runs every schedule with one program at a time;
+What runs without a GPU: the plain interpreter runs every schedule with one program at a time
+(with and without a projection: tests/test_triton.py, tests/test_triton_projection.py);
 tests/test_triton_concurrent.py runs the persistent schedule with 2-8 programs per group, each
 program in its own thread (so the barrier opens), with stores held back until the next release
 atomic and programs skewed in time, and shows that planted barrier bugs fail it;
@@ -264,8 +288,11 @@ def _store_h(s, B, i_d, o_b, m_b, b_len, b_valid, o_row, o_p, b_h, p_hbuf, p_out
     # the other ping-pong half: this step's half is still being read by every chunk
     o_hnext = ((((s + 1) % 2) * D + i_d) * B + o_b)[:, None] * P + o_p[None, :]
     tl.store(p_hbuf + o_hnext, b_h_out, mask=m_bp)
-    tl.store(p_hn + (i_d * B + o_b)[:, None] * P + o_p[None, :], b_h_out, mask=m_bp & (s == b_len - 1)[:, None])
-    tl.store(p_out + o_row[:, None] * P + o_p[None, :], tl.where(b_valid[:, None], b_h_out, 0.0).to(dtype), mask=m_bp)
+    # integer offsets first, one pointer add: p + a + b would add twice (more registers)
+    o_state = (i_d * B + o_b)[:, None] * P + o_p[None, :]
+    tl.store(p_hn + o_state, b_h_out, mask=m_bp & (s == b_len - 1)[:, None])
+    o_seq = o_row[:, None] * P + o_p[None, :]
+    tl.store(p_out + o_seq, tl.where(b_valid[:, None], b_h_out, 0.0).to(dtype), mask=m_bp)
 
 
 @triton.jit
@@ -312,7 +339,7 @@ def _fwd_step(
         _store_h(s, B, i_d, o_b, m_b, b_len, b_valid, o_row, o_n, b_h_new, p_hbuf, p_out, p_hn, H, D)
     if SAVE:  # what backward reads; inference skips it
         dtype = p_gates.dtype.element_ty
-        tl.store(p_cs + o_row[:, None] * H + o_n[None, :], b_cs, mask=m_bn)
+        tl.store(p_cs + (o_row[:, None] * H + o_n[None, :]), b_cs, mask=m_bn)
         p_gates_row = p_gates + o_row[:, None] * (4 * H) + o_n[None, :]
         tl.store(p_gates_row, tl.where(m_valid, b_i, 0.0).to(dtype), mask=m_bn)
         tl.store(p_gates_row + H, tl.where(m_valid, b_f, 0.0).to(dtype), mask=m_bn)
@@ -335,10 +362,10 @@ def _fwd_project(
     for k0 in range(0, HP, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < H
-        p_r = p_rbuf + o_rrow[:, None] * H + o_k[None, :]
+        p_r = p_rbuf + (o_rrow[:, None] * H + o_k[None, :])
         b_r = tl.load(p_r, mask=m_b[:, None] & m_k[None, :], other=0.0, cache_modifier=".cg")
         # [BLOCK_K, BN] block of W_hr^T: element (j, n) = W_hr[o_p[n], j]
-        b_w = tl.load(p_whr_d + o_p[None, :] * H + o_k[:, None], mask=m_k[:, None] & (o_p < P)[None, :], other=0.0)
+        b_w = tl.load(p_whr_d + (o_p[None, :] * H + o_k[:, None]), mask=m_k[:, None] & (o_p < P)[None, :], other=0.0)
         b_h = tl.dot(b_r, b_w, b_h, input_precision=DOT_PRECISION)
     _store_h(s, B, i_d, o_b, m_b, b_len, b_valid, o_row, o_p, b_h, p_hbuf, p_out, p_hn, P, D)
 
@@ -371,12 +398,12 @@ def _lstm_fwd_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     N_CHUNKS: tl.constexpr, P_CHUNKS: tl.constexpr,
     RESIDENT: tl.constexpr, SYNC: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ACC: tl.constexpr, SAVE: tl.constexpr, PROJ: tl.constexpr,
+    ACC: tl.constexpr, SAVE: tl.constexpr, PROJ: tl.constexpr, STAGE: tl.constexpr,
 ):
     """Forward recurrence, stages [s_begin, s_end). A stage is one step, or with a projection
     (PROJ) half of one: stage 2s is step s's cell update (chunks of H), 2s + 1 its projection
-    (chunks of P). SYNC: 0 none (one launch per stage), 1 CTA barrier (tile), 2 group barrier
-    on p_sync (persistent)."""
+    (chunks of P); STAGE 0 or 1 compiles only that kind of stage, -1 both. SYNC: 0 none (one
+    launch per stage), 1 CTA barrier (tile), 2 group barrier on p_sync (persistent)."""
     i_n, i_d = tl.program_id(1), tl.program_id(2)
     o_b, m_b, b_len = _program_rows(p_len, T, B, BLOCK_B, HAS_LENGTHS)
     p_w_d = p_w + i_d * (4 * H * P)
@@ -390,7 +417,11 @@ def _lstm_fwd_kernel(
     for u in range(s_begin, s_end):
         if PROJ:
             s = u // 2
-            if u % 2 == 0:
+            if STAGE == -1:
+                first = u % 2 == 0
+            else:  # a stepwise launch: one kind of stage, a kernel of its own (see _run)
+                first = STAGE == 0
+            if first:
                 _fwd_cells(
                     s, T, B, i_d, i_n, o_b, m_b, b_len, p_w_d, b_w,
                     p_gx, p_hbuf, p_rbuf, p_c, p_c0, p_out, p_gates, p_cs, p_hn,
@@ -467,7 +498,7 @@ def _bwd_dh(
     # backward walks the forward direction from each row's end
     b_valid, _, o_row = _step_rows(s, B, i_d, o_b, m_b, b_len, D, 0)
     m_load = b_valid[:, None] & (o_p < P)[None, :]
-    b_dout = tl.load(p_dout + o_row[:, None] * P + o_p[None, :], mask=m_load, other=0.0).to(ACC)
+    b_dout = tl.load(p_dout + (o_row[:, None] * P + o_p[None, :]), mask=m_load, other=0.0).to(ACC)
     return b_dh + b_dout
 
 
@@ -538,9 +569,9 @@ def _bwd_project(
     for k0 in range(0, PP, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < P
-        p_dh = p_dhbuf + o_hrow[:, None] * P + o_k[None, :]
+        p_dh = p_dhbuf + (o_hrow[:, None] * P + o_k[None, :])
         b_dh = tl.load(p_dh, mask=m_b[:, None] & m_k[None, :], other=0.0, cache_modifier=".cg")
-        b_w = tl.load(p_whr_d + o_k[:, None] * H + o_n[None, :], mask=m_k[:, None] & (o_n < H)[None, :], other=0.0)
+        b_w = tl.load(p_whr_d + (o_k[:, None] * H + o_n[None, :]), mask=m_k[:, None] & (o_n < H)[None, :], other=0.0)
         b_dr = tl.dot(b_dh, b_w, b_dr, input_precision=DOT_PRECISION)
     return b_dr
 
@@ -553,12 +584,12 @@ def _lstm_bwd_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     N_CHUNKS: tl.constexpr, P_CHUNKS: tl.constexpr,
     RESIDENT: tl.constexpr, SYNC: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ACC: tl.constexpr, PROJ: tl.constexpr,
+    ACC: tl.constexpr, PROJ: tl.constexpr, STAGE: tl.constexpr,
 ):
     """Backward recurrence, stages [s_begin, s_end) of phases 0..T. A stage is one phase, or
     with a projection (PROJ) half of one: stage 2s forms phase s's dh (chunks of P: stored as
     the contract's dh and exchanged through p_dhbuf), 2s + 1 its gate gradients (chunks of H).
-    Phase T only produces dh0, so the last stage is 2T. SYNC as forward."""
+    Phase T only produces dh0, so the last stage is 2T. STAGE and SYNC as forward."""
     i_n, i_d = tl.program_id(1), tl.program_id(2)
     o_b, m_b, b_len = _program_rows(p_len, T, B, BLOCK_B, HAS_LENGTHS)
     p_w_d = p_w + i_d * (4 * H * P)
@@ -572,7 +603,11 @@ def _lstm_bwd_kernel(
     for u in range(s_begin, s_end):
         if PROJ:
             s = u // 2
-            if u % 2 == 0:
+            if STAGE == -1:
+                first = u % 2 == 0
+            else:  # a stepwise launch: one kind of stage, a kernel of its own (see _run)
+                first = STAGE == 0
+            if first:
                 for j in range(P_CHUNKS):
                     o_p = (i_n * P_CHUNKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
                     b_dh_t = _bwd_dh(
@@ -582,7 +617,7 @@ def _lstm_bwd_kernel(
                     m_bp = m_b[:, None] & (o_p < P)[None, :]
                     b_valid, _, o_row = _step_rows(s, B, i_d, o_b, m_b, b_len, D, 0)
                     # the contract's dh: the projected h's gradient, zero past each sequence's end
-                    p_dh_row = p_dh + o_row[:, None] * P + o_p[None, :]
+                    p_dh_row = p_dh + (o_row[:, None] * P + o_p[None, :])
                     b_dh_out = tl.where(b_valid[:, None], b_dh_t, 0.0).to(p_dh.dtype.element_ty)
                     tl.store(p_dh_row, b_dh_out, mask=m_bp & (s < T))
                     o_x = (i_d * B + o_b)[:, None] * P + o_p[None, :]
@@ -664,14 +699,16 @@ def _run(kernel, plan, T, B, D, n_stages, args, meta):
         sync = torch.zeros(grid[0] * D, dtype=torch.int32, device=device)
         if COOPERATIVE and device.type == "cuda":
             meta["launch_cooperative_grid"] = True
-        kernel[grid](*args, sync, T, B, 0, n_stages, SYNC=2, **meta)
+        kernel[grid](*args, sync, T, B, 0, n_stages, SYNC=2, STAGE=-1, **meta)
         return
     sync = torch.empty(1, dtype=torch.int32, device=device)  # never touched
     if plan.schedule == "tile":
-        kernel[grid](*args, sync, T, B, 0, n_stages, SYNC=1, **meta)
+        kernel[grid](*args, sync, T, B, 0, n_stages, SYNC=1, STAGE=-1, **meta)
         return
     for s in range(n_stages):
-        kernel[grid](*args, sync, T, B, s, s + 1, SYNC=0, **meta)
+        # with a projection, a kernel for each kind of stage: neither holds the other's registers
+        # (one kernel for both spilled 56-108 B in TF32 forwards: NOTES.md T6)
+        kernel[grid](*args, sync, T, B, s, s + 1, SYNC=0, STAGE=s % 2 if meta["PROJ"] else -1, **meta)
 
 
 def _plan(B, D, H, dtype, device, schedule, block_n, resident):
