@@ -46,7 +46,7 @@ kernel of its own, constexpr STAGE):
                          an exchange buffer [D, B, H] instead of h to the ping-pong buffer;
             stage 2s+1   `_fwd_project` per chunk of P: h = r @ W_hr^T (K = H), then the usual
                          h stores (ping-pong half, out, h_n).
-  backward  stage 2s     `_bwd_dh` per chunk of P: dh = dgates_{s-1} @ W_hh (K = 4H) + dout, the
+  backward  stage 2s     per chunk of P: dh = dgates_{s-1} @ W_hh (K = 4H, `_bwd_dh`) + dout, the
                          contract's fourth result (zero past each end) and an exchange [D, B, P];
             stage 2s+1   per hidden chunk: dr = dh @ W_hr (K = P, `_bwd_project`), then the gate
                          gradients of `_bwd_gates` with dr where dh was.
@@ -478,12 +478,13 @@ def _bwd_recurrent(
 def _bwd_dh(
     s, B, i_d, o_b, m_b, b_len, o_p,
     p_w_d, b_wi, b_wf, b_wg, b_wo,
-    p_dout, p_dhn, p_dgbuf, p_dh0,
+    p_dhn, p_dgbuf, p_dh0,
     H: tl.constexpr, HP: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
     RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    """The gradient of one chunk of step s's h (features o_p of P), in total: from dout and
-    from the step after it (the recurrent dot). Stores dh0 when its phase comes."""
+    """[BB, BN]: the gradient of one chunk of step s's h (features o_p of P) from the step
+    after it (the recurrent dot; dh_n at phase 0), dout not included. Stores dh0 when its
+    phase comes."""
     m_bp = m_b[:, None] & (o_p < P)[None, :]
     o_state = (i_d * B + o_b)[:, None] * P + o_p[None, :]
     # [BB, BN] dh_t coming back from the step after t (in the direction's own time order)
@@ -495,22 +496,20 @@ def _bwd_dh(
     b_dhn = tl.load(p_dhn + o_state, mask=m_bp & (s == 0), other=0.0)
     b_dh = tl.where(s == 0, b_dhn, b_dh_rec)
     tl.store(p_dh0 + o_state, b_dh, mask=m_bp & (s == b_len)[:, None])
-    # backward walks the forward direction from each row's end
-    b_valid, _, o_row = _step_rows(s, B, i_d, o_b, m_b, b_len, D, 0)
-    m_load = b_valid[:, None] & (o_p < P)[None, :]
-    b_dout = tl.load(p_dout + (o_row[:, None] * P + o_p[None, :]), mask=m_load, other=0.0).to(ACC)
-    return b_dh + b_dout
+    return b_dh
 
 
 @triton.jit
 def _bwd_gates(
-    s, T, B, i_d, o_b, m_b, b_len, o_n, b_dh_t,
-    p_gates, p_cs, p_c0, p_dgbuf, p_dc, p_dgates,
-    H: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+    s, T, B, i_d, o_b, m_b, b_len, o_n, b_dh,
+    p_dout, p_gates, p_cs, p_c0, p_dgbuf, p_dc, p_dgates,
+    H: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr, WITH_DOUT: tl.constexpr,
 ):
-    """Step s's gate gradients for one hidden chunk from b_dh_t, the gradient of its
-    o * tanh(c) [BB, BN]; the carried dc; the stores (dgates twice: result and exchange)."""
+    """Step s's gate gradients for one hidden chunk from b_dh [BB, BN], the gradient of its
+    o * tanh(c) (plus dout's with WITH_DOUT); the carried dc; the stores (dgates twice: result
+    and exchange)."""
     m_n = o_n < H
+    # (this order of loads and arithmetic is the one that compiled without spills: NOTES T3, T6)
     m_bn = m_b[:, None] & m_n[None, :]
     b_valid, b_t, o_row = _step_rows(s, B, i_d, o_b, m_b, b_len, D, 0)
     m_valid = b_valid[:, None]
@@ -529,8 +528,14 @@ def _bwd_gates(
     o_prev = ((b_tp * B + o_b) * D + i_d)[:, None] * H + o_n[None, :]
     b_c_prev = tl.load(p_cs + o_prev, mask=m_load & m_tp, other=0.0)
     b_c_prev += tl.load(p_c0 + o_state, mask=m_load & (~m_tp), other=0.0)
+    if WITH_DOUT:
+        b_dout = tl.load(p_dout + o_seq, mask=m_load, other=0.0).to(ACC)
     b_dc_carry = tl.load(p_dc + o_state, mask=m_bn, other=0.0)
 
+    if WITH_DOUT:
+        b_dh_t = b_dh + b_dout
+    else:
+        b_dh_t = b_dh
     b_tanh_c = _tanh(b_c)
     b_dc_t = b_dc_carry + b_dh_t * b_o * (1.0 - b_tanh_c * b_tanh_c)
     b_di = tl.where(m_valid, b_dc_t * b_g * b_i * (1.0 - b_i), 0.0)
@@ -610,33 +615,36 @@ def _lstm_bwd_kernel(
             if first:
                 for j in range(P_CHUNKS):
                     o_p = (i_n * P_CHUNKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-                    b_dh_t = _bwd_dh(
+                    b_dh = _bwd_dh(
                         s, B, i_d, o_b, m_b, b_len, o_p, p_w_d, b_wi, b_wf, b_wg, b_wo,
-                        p_dout, p_dhn, p_dgbuf, p_dh0, H, HP, P, D, RESIDENT, BLOCK_K, DOT_PRECISION, ACC,
+                        p_dhn, p_dgbuf, p_dh0, H, HP, P, D, RESIDENT, BLOCK_K, DOT_PRECISION, ACC,
                     )
                     m_bp = m_b[:, None] & (o_p < P)[None, :]
+                    # backward walks the forward direction from each row's end
                     b_valid, _, o_row = _step_rows(s, B, i_d, o_b, m_b, b_len, D, 0)
+                    o_seq = o_row[:, None] * P + o_p[None, :]
+                    b_dout = tl.load(p_dout + o_seq, mask=b_valid[:, None] & m_bp, other=0.0).to(ACC)
+                    b_dh_t = b_dh + b_dout
                     # the contract's dh: the projected h's gradient, zero past each sequence's end
-                    p_dh_row = p_dh + (o_row[:, None] * P + o_p[None, :])
                     b_dh_out = tl.where(b_valid[:, None], b_dh_t, 0.0).to(p_dh.dtype.element_ty)
-                    tl.store(p_dh_row, b_dh_out, mask=m_bp & (s < T))
+                    tl.store(p_dh + o_seq, b_dh_out, mask=m_bp & (s < T))
                     o_x = (i_d * B + o_b)[:, None] * P + o_p[None, :]
                     tl.store(p_dhbuf + o_x, b_dh_t.to(p_dhbuf.dtype.element_ty), mask=m_bp)
             else:
                 for j in range(N_CHUNKS):
                     o_n = (i_n * N_CHUNKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
                     b_dr = _bwd_project(s, B, i_d, o_b, m_b, o_n, p_whr_d, p_dhbuf, H, P, PP, BLOCK_K, DOT_PRECISION, ACC)
-                    _bwd_gates(s, T, B, i_d, o_b, m_b, b_len, o_n, b_dr, p_gates, p_cs, p_c0, p_dgbuf,
-                               p_dc, p_dgates, H, D, ACC)
+                    _bwd_gates(s, T, B, i_d, o_b, m_b, b_len, o_n, b_dr, p_dout, p_gates, p_cs, p_c0, p_dgbuf,
+                               p_dc, p_dgates, H, D, ACC, False)
         else:
             for j in range(N_CHUNKS):
                 o_n = (i_n * N_CHUNKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-                b_dh_t = _bwd_dh(
+                b_dh = _bwd_dh(
                     u, B, i_d, o_b, m_b, b_len, o_n, p_w_d, b_wi, b_wf, b_wg, b_wo,
-                    p_dout, p_dhn, p_dgbuf, p_dh0, H, HP, P, D, RESIDENT, BLOCK_K, DOT_PRECISION, ACC,
+                    p_dhn, p_dgbuf, p_dh0, H, HP, P, D, RESIDENT, BLOCK_K, DOT_PRECISION, ACC,
                 )
-                _bwd_gates(u, T, B, i_d, o_b, m_b, b_len, o_n, b_dh_t, p_gates, p_cs, p_c0, p_dgbuf,
-                           p_dc, p_dgates, H, D, ACC)
+                _bwd_gates(u, T, B, i_d, o_b, m_b, b_len, o_n, b_dh, p_dout, p_gates, p_cs, p_c0, p_dgbuf,
+                           p_dc, p_dgates, H, D, ACC, True)
         _end_of_step(u, s_begin, s_end, p_sync, SYNC)
 
 
