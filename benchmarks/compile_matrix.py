@@ -3,13 +3,16 @@ memory, CTAs per SM, and whether persistent grids can be co-resident.
 
     python benchmarks/compile_matrix.py                  # the full matrix, sm_80 and sm_90
     python benchmarks/compile_matrix.py --caps 90 --H 256 --B 16 --dtypes fp16
+    python benchmarks/compile_matrix.py --caps 90 --H 1024p256 --B 64 --dtypes fp16   # proj_size 256
 
 For every (target, H, B, dtype) it asks the planner (kernels/planner.py) for the plan it would
 pick on that target's SM count, then compiles the plan's kernels (forward, forward without the
 saved buffers, backward) with `triton.compile` of an `ASTSource` for `GPUTarget("cuda", cap, 32)`,
 runs the bundled ptxas with `-v` on the PTX for registers and spills, and reads Triton's shared
 memory from the kernel's metadata. H is compiled as HP - 3 (odd, so every mask is live: the
-general case). Writes benchmarks/results/compile_matrix.csv (one row per shape and kernel) and
+general case). A hidden size written HpP (1024p256) is an LSTM with projection, proj_size P
+(compiled as PP - 3 the same way): the planner plans on H as it does for every projection
+layer. Writes benchmarks/results/compile_matrix.csv (one row per shape and kernel) and
 prints a summary whose last line is `N plans, M spill, K not co-resident`:
   N  distinct plans compiled (a plan: target, schedule, blocks, W placement, dtype, precision),
   M  plans with any kernel that spills (ptxas spill stores or loads > 0),
@@ -50,7 +53,8 @@ TARGETS = {
     100: dict(gpu="B200", sms=148, regs=65536, smem_sm=233472, smem_block=232448, threads=2048, ctas=32),
 }
 RESERVED_SMEM = 1024  # per CTA, reserved by the CUDA runtime on sm_80 and later
-HS = (32, 64, 128, 256, 512, 1024)
+# hidden sizes; HpP is an LSTM with projection, proj_size P
+HS = ("32", "64", "128", "256", "512", "1024", "64p16", "128p32", "512p128", "1024p256")
 BS = (1, 16, 32, 64, 128, 256)
 DTYPES = {  # name -> (torch dtype, cuDNN TF32 switch, Triton pointer type)
     "fp32-ieee": (torch.float32, False, "fp32"),
@@ -61,10 +65,18 @@ DTYPES = {  # name -> (torch dtype, cuDNN TF32 switch, Triton pointer type)
 }
 D = 2
 KERNELS = ("fwd", "fwd-infer", "bwd")
-FWD = ["p_gx", "p_w", "p_len", "p_hbuf", "p_c", "p_c0", "p_out", "p_gates", "p_cs", "p_hn", "p_sync"]
-BWD = ["p_dout", "p_dhn", "p_w", "p_len", "p_gates", "p_cs", "p_c0", "p_dgbuf", "p_dc", "p_dh0", "p_dgates", "p_sync"]
+FWD = ["p_gx", "p_w", "p_whr", "p_len", "p_hbuf", "p_rbuf", "p_c", "p_c0", "p_out", "p_gates", "p_cs", "p_hn",
+       "p_sync"]
+BWD = ["p_dout", "p_dhn", "p_w", "p_whr", "p_len", "p_gates", "p_cs", "p_c0", "p_dgbuf", "p_dhbuf", "p_dc", "p_dh0",
+       "p_dh", "p_dgates", "p_sync"]
 STATE = {"p_c", "p_c0", "p_cs", "p_dhn", "p_dc", "p_dh0"}  # fp32 state buffers
 SYNC = {"stepwise": 0, "tile": 1, "persistent": 2}
+
+
+def hidden(spec):
+    """(H, P) from a hidden-size spec: "256" -> (256, 0), "1024p256" -> (1024, 256) (P = 0: no projection)."""
+    H, _, P = str(spec).partition("p")
+    return int(H), int(P or 0)
 
 
 def pick(cap, H, B, dtype_name, sm_count=None):
@@ -85,8 +97,15 @@ def pick(cap, H, B, dtype_name, sm_count=None):
     return plan, precision
 
 
-def compile_kernel(kind, plan, dtype_name, precision, cap):
-    """The compiled kernel (triton's CompiledKernel) for one plan, without a GPU."""
+def stages(plan, P):
+    """The STAGE values a plan launches its kernels with (triton_recurrence._run): with a
+    projection, stepwise runs a kernel for each kind of stage, 0 and 1; all else -1."""
+    return (0, 1) if P and plan.schedule == "stepwise" else (-1,)
+
+
+def compile_kernel(kind, plan, dtype_name, precision, cap, P=0, stage=-1):
+    """The compiled kernel (triton's CompiledKernel) for one plan (with a projection to P
+    features when P > 0; `stage` as `stages`), without a GPU."""
     # imported here, without TRITON_INTERPRET: triton.jit decides at definition whether to compile
     os.environ.pop("TRITON_INTERPRET", None)
     from bilstm_fast.kernels import triton_recurrence as tr
@@ -96,10 +115,13 @@ def compile_kernel(kind, plan, dtype_name, precision, cap):
     sig = {n: "*i64" if n == "p_len" else "*i32" if n == "p_sync" else "*fp32" if n in STATE else "*" + ptr
            for n in names}
     sig.update(T="i32", B="i32", s_begin="i32", s_end="i32")
+    pp = planner._pow2_at_least(P) if P else plan.hp
     meta = dict(
-        H=plan.hp - 3, HP=plan.hp, D=D, BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
-        N_CHUNKS=plan.chunks_per_program, RESIDENT=plan.resident, SYNC=SYNC[plan.schedule], HAS_LENGTHS=True,
-        DOT_PRECISION=precision, ACC=tl.float32,
+        H=plan.hp - 3, HP=plan.hp, P=pp - 3, PP=pp, D=D, BLOCK_B=plan.block_b, BLOCK_N=plan.block_n,
+        BLOCK_K=plan.block_k, N_CHUNKS=plan.chunks_per_program,
+        P_CHUNKS=triton.cdiv(pp, plan.block_n) if plan.schedule == "tile" else 1,  # as triton_recurrence._run
+        RESIDENT=plan.resident, SYNC=SYNC[plan.schedule], HAS_LENGTHS=True, DOT_PRECISION=precision,
+        ACC=tl.float32, PROJ=P > 0, STAGE=stage,
     )
     if kind != "bwd":
         meta["SAVE"] = kind == "fwd"
@@ -144,49 +166,54 @@ def ctas_per_sm(regs, shared, num_warps, cap):
 
 
 def measure(job):
-    """One compile job: (kind, plan, dtype_name, precision, cap) -> usage dict."""
-    kind, plan, dtype_name, precision, cap = job
+    """One compile job: (kind, plan, dtype_name, precision, cap, P) -> usage dict."""
+    kind, plan, dtype_name, precision, cap, P = job
     start = time.time()
-    compiled = compile_kernel(kind, plan, dtype_name, precision, cap)
-    usage = ptxas_usage(compiled.asm["ptx"], cap)
-    usage["shared"] = compiled.metadata.shared
+    # a plan with a kernel per stage kind: the larger of each figure
+    usage = {}
+    for stage in stages(plan, P):
+        compiled = compile_kernel(kind, plan, dtype_name, precision, cap, P, stage)
+        one = dict(ptxas_usage(compiled.asm["ptx"], cap), shared=compiled.metadata.shared)
+        usage = {k: max(v, usage.get(k, 0)) for k, v in one.items()}
     usage["num_warps"] = plan.bwd_num_warps if kind == "bwd" else plan.num_warps
     usage["ctas_per_sm"] = ctas_per_sm(usage["regs"], usage["shared"], usage["num_warps"], cap)
     usage["compile_s"] = round(time.time() - start, 1)
     return usage
 
 
-def plan_key(plan, dtype_name, precision, cap):
-    return (cap, plan, dtype_name, precision)
+def plan_key(plan, dtype_name, precision, cap, P):
+    return (cap, plan, dtype_name, precision, P)
 
 
 def run_matrix(caps, Hs, Bs, dtype_names, jobs=2, log=print, shapes=None):
     """Rows (one per shape and kernel) and per-plan results for the given slice of the matrix
-    (the grid caps x Hs x Bs x dtype_names, or the (cap, H, B, dtype_name) list `shapes`)."""
+    (the grid caps x Hs x Bs x dtype_names, or the (cap, H, B, dtype_name) list `shapes`; H is
+    a hidden-size spec, see `hidden`)."""
     if shapes is None:
         shapes = [(c, h, b, d) for c in caps for h in Hs for b in Bs for d in dtype_names]
-    shapes = [(c, h, b, d, *pick(c, h, b, d)) for c, h, b, d in shapes]
-    plans = sorted({plan_key(p, d, pr, c) for c, _, _, d, p, pr in shapes}, key=repr)
-    work = [(kind, p, d, pr, c) for c, p, d, pr in plans for kind in KERNELS]
+    shapes = [(c, *hidden(h), b, d) for c, h, b, d in shapes]
+    shapes = [(c, h, P, b, d, *pick(c, h, b, d)) for c, h, P, b, d in shapes]
+    plans = sorted({plan_key(p, d, pr, c, P) for c, _, P, _, d, p, pr in shapes}, key=repr)
+    work = [(kind, p, d, pr, c, P) for c, p, d, pr, P in plans for kind in KERNELS]
     log(f"{len(shapes)} shapes -> {len(plans)} distinct plans -> {len(work)} kernels to compile ({jobs} processes)")
     results = {}
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         for job, usage in zip(work, pool.map(measure, work)):
             results[job] = usage
-            kind, p, d, pr, c = job
-            log(f"sm_{c} {d:9} {p.schedule:10} hp={p.hp:<5} bb={p.block_b:<3} bn={p.block_n:<4} "
+            kind, p, d, pr, c, P = job
+            log(f"sm_{c} {d:9} {p.schedule:10} hp={p.hp:<5} P={P:<4} bb={p.block_b:<3} bn={p.block_n:<4} "
                 f"res={int(p.resident)} w={usage['num_warps']} {kind:9}: regs {usage['regs']:3} spill "
                 f"{usage['spill_stores']}/{usage['spill_loads']} B, shared {usage['shared']:6} B, "
                 f"{usage['ctas_per_sm']} CTA/SM ({usage['compile_s']} s)")
     rows = []
-    for cap, H, B, dtype_name, plan, precision in shapes:
+    for cap, H, P, B, dtype_name, plan, precision in shapes:
         grid = plan.grid(B, D)
         programs = grid[0] * grid[1] * grid[2]
         for kind in KERNELS:
-            u = results[(kind, plan, dtype_name, precision, cap)]
+            u = results[(kind, plan, dtype_name, precision, cap, P)]
             resident_capacity = TARGETS[cap]["sms"] * u["ctas_per_sm"]
             rows.append(dict(
-                target=f"sm_{cap}", sms=TARGETS[cap]["sms"], H=H, B=B, dtype=dtype_name, precision=precision,
+                target=f"sm_{cap}", sms=TARGETS[cap]["sms"], H=H, P=P, B=B, dtype=dtype_name, precision=precision,
                 schedule=plan.schedule, block_b=plan.block_b, block_n=plan.block_n, hp=plan.hp,
                 resident=plan.resident, num_warps=u["num_warps"], kernel=kind, programs=programs,
                 **{k: u[k] for k in ("regs", "spill_stores", "spill_loads", "stack", "shared", "ctas_per_sm")},
@@ -197,12 +224,12 @@ def run_matrix(caps, Hs, Bs, dtype_names, jobs=2, log=print, shapes=None):
 
 
 def summarize(rows, plans, results):
-    def spills(cap, plan, dtype_name, precision):
-        return any(results[(kind, plan, dtype_name, precision, cap)]["spill_stores"]
-                   + results[(kind, plan, dtype_name, precision, cap)]["spill_loads"] > 0 for kind in KERNELS)
+    def spills(cap, plan, dtype_name, precision, P):
+        return any(results[(kind, plan, dtype_name, precision, cap, P)]["spill_stores"]
+                   + results[(kind, plan, dtype_name, precision, cap, P)]["spill_loads"] > 0 for kind in KERNELS)
 
     spilling = {k for k in plans if spills(*k)}
-    bad = {(r["target"], r["schedule"], r["block_b"], r["block_n"], r["hp"], r["resident"], r["dtype"])
+    bad = {(r["target"], r["schedule"], r["block_b"], r["block_n"], r["hp"], r["P"], r["resident"], r["dtype"])
            for r in rows if r["co_resident"] is False or not r["launchable"]}
     # bad is keyed like a plan: count distinct plans
     return len(plans), len(spilling), len(bad), spilling, bad
@@ -211,7 +238,7 @@ def summarize(rows, plans, results):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--caps", type=int, nargs="+", default=[80, 90])
-    parser.add_argument("--H", type=int, nargs="+", default=list(HS))
+    parser.add_argument("--H", nargs="+", default=list(HS), help="hidden sizes; HpP for proj_size P (1024p256)")
     parser.add_argument("--B", type=int, nargs="+", default=list(BS))
     parser.add_argument("--dtypes", nargs="+", default=[d for d in DTYPES if d != "fp32-tf32x3"], choices=list(DTYPES))
     parser.add_argument("--shape", nargs=4, action="append", metavar=("CAP", "H", "B", "DTYPE"),
@@ -221,7 +248,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile for real (the worker processes inherit this)
     start = time.time()
-    shapes = [(int(c), int(h), int(b), d) for c, h, b, d in args.shape] if args.shape else None
+    shapes = [(int(c), h, int(b), d) for c, h, b, d in args.shape] if args.shape else None
     rows, plans, results = run_matrix(args.caps, args.H, args.B, args.dtypes, jobs=args.jobs, shapes=shapes)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", newline="") as f:
@@ -229,9 +256,9 @@ def main(argv=None):
         writer.writeheader()
         writer.writerows(rows)
     n, m, k, spilling, bad = summarize(rows, plans, results)
-    for cap, plan, dtype_name, precision in sorted(spilling, key=repr):
-        worst = max(results[(kind, plan, dtype_name, precision, cap)]["spill_stores"] for kind in KERNELS)
-        print(f"spills: sm_{cap} {dtype_name} {plan} (up to {worst} B stored)")
+    for cap, plan, dtype_name, precision, P in sorted(spilling, key=repr):
+        worst = max(results[(kind, plan, dtype_name, precision, cap, P)]["spill_stores"] for kind in KERNELS)
+        print(f"spills: sm_{cap} {dtype_name} P={P} {plan} (up to {worst} B stored)")
     for b in sorted(bad, key=repr):
         print(f"not co-resident or not launchable: {b}")
     print(f"table: {args.out} ({len(rows)} rows; triton {triton.__version__}, {time.time() - start:.0f} s)")

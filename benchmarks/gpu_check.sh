@@ -10,7 +10,9 @@
 #   install    pip install --no-deps --no-build-isolation -e . (PYTHONPATH=. is set anyway)
 #   parity     does the Triton path run and match cuDNN on CUDA: a compact subset of
 #              tests/test_cuda.py (tile, stepwise, persistent with 8-16 programs per group and
-#              two batch tiles, fp32 IEEE and fp16, the TF32 switch, bitwise repeatability)
+#              two batch tiles, fp32 IEEE and fp16, the TF32 switch, bitwise repeatability;
+#              -k matches by substring, so the persistent T33 and T40 ids also select their
+#              proj_size twins, test_projection_parity_with_cudnn: NOTES.md T6)
 #                                                                         -> OUT/parity.log, junit
 #   model      benchmarks/step_model.py --measure: the Triton recurrence per step (forward,
 #              backward) and cuDNN's forward at the MNIST and tagging layers in TF32, IEEE and

@@ -21,6 +21,9 @@ every dim >= 16 and tl.arange powers of two (batch tiles are padded to >= 16 row
     between schedules are first guesses, to be measured on a GPU (benchmarks/schedules.py).
   - Off-GPU (interpreter) persistent runs only when each group is one program (its barrier
     then never waits); the planner picks that for HP > 128, and stepwise can be forced.
+A layer with a projection (proj_size P <= H) is planned on H alone: its W_hh slices are no
+larger than those of the same H without one, and W_hr is streamed (triton_recurrence.py's
+docstring; its plans are in the compile matrix as HpP, NOTES.md T6).
 """
 import os
 from dataclasses import dataclass

@@ -1,10 +1,10 @@
 """The compile matrix (benchmarks/compile_matrix.py) in CI: the planner's picks, compiled for
 sm_80/sm_90 with Triton's bundled ptxas (no GPU), must not spill and must fit on the SMs.
 
-The full matrix (about 100 plans, 300 kernels) takes about 15 minutes on two cores; CI compiles
-one shape for each kind of plan that spilled before the fixes in benchmarks/NOTES.md (T3),
-8 plans and 24 kernels, in one to two minutes. (This replaces test_triton.py's earlier
-12-kernel compile check, which it covers.) The planner's
+The full matrix (about 140 plans, 400 kernels) takes about 20 minutes on two cores; CI compiles
+one shape for each kind of plan that spilled before the fixes in benchmarks/NOTES.md (T3) and
+one with a projection (proj_size), 9 plans and 27 kernels, in one to two minutes. (This
+replaces test_triton.py's earlier 12-kernel compile check, which it covers.) The planner's
 co-residency rule is plain Python and is checked here over the whole matrix and more SM counts.
 """
 import importlib.util
@@ -44,7 +44,8 @@ def test_planner_never_picks_a_persistent_grid_larger_than_the_gpu(sm_count):
 
 
 # (cap, H, B, dtype): one shape for each kind of plan that spilled before the fixes (NOTES, T3),
-# plus a resident tile program, so every schedule and W placement compiles for both targets
+# plus a resident tile program, so every schedule and W placement compiles for both targets, and
+# a projection plan (H written HpP, as benchmarks/compile_matrix.py takes it)
 SUBSET = [
     (90, 512, 64, "fp32-ieee"),  # stepwise, W streamed, FMA dots: spilled 64-176 B at 64 rows
     (90, 1024, 64, "fp32-tf32"),  # stepwise, W streamed, TF32: spilled 12-160 B
@@ -54,6 +55,7 @@ SUBSET = [
     (80, 512, 16, "fp16"),  # persistent, hp=512 at 16 rows: backward spilled 8 B
     (80, 256, 64, "fp32-tf32"),  # the MNIST layer in TF32 on an A100: forward spilled 20-24 B
     (80, 32, 16, "fp16"),  # tile, W resident
+    (90, "512p128", 16, "fp16"),  # proj_size 128, persistent (two barriers per step): backward at 254 registers (T6)
 ]
 
 

@@ -99,18 +99,19 @@ def rel_err(got, exact):
     return ((got - exact).norm() / exact.norm().clamp_min(1e-30)).item()
 
 
-def problem(T, B, I, H, layers, dtype, packed, seed=0):
+def problem(T, B, I, H, layers, dtype, packed, seed=0, proj_size=0):
     torch.manual_seed(seed)
-    lstm = nn.LSTM(I, H, num_layers=layers, bidirectional=True, device=CUDA, dtype=dtype)
+    lstm = nn.LSTM(I, H, num_layers=layers, bidirectional=True, proj_size=proj_size, device=CUDA, dtype=dtype)
     x = torch.randn(T, B, I, device=CUDA, dtype=dtype)
-    h0 = torch.randn(2 * layers, B, H, device=CUDA, dtype=dtype)
+    h0 = torch.randn(2 * layers, B, proj_size or H, device=CUDA, dtype=dtype)
     c0 = torch.randn(2 * layers, B, H, device=CUDA, dtype=dtype)
     return lstm, (x, h0, c0, random_lengths(T, B) if packed else None)
 
 
 def exact_run(lstm, args):
     """float64 nn.LSTM on the CPU with the very same (rounded) weights and inputs."""
-    ref = nn.LSTM(lstm.input_size, lstm.hidden_size, lstm.num_layers, bidirectional=True, dtype=torch.float64)
+    ref = nn.LSTM(lstm.input_size, lstm.hidden_size, lstm.num_layers, bidirectional=True, proj_size=lstm.proj_size,
+                  dtype=torch.float64)
     ref.load_state_dict({k: v.double().cpu() for k, v in lstm.state_dict().items()})
     x, h0, c0, lengths = args
     return run(ref, x.double().cpu(), h0.double().cpu(), c0.double().cpu(), lengths, torch.float64)
@@ -130,13 +131,18 @@ def cudnn_run(lstm, args, dtype):
         return None
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_parity_with_cudnn(case):
+def check_parity(case, proj_size=0):
     T, B, I, H, layers, dtype, packed, plan = case
-    lstm, args = problem(T, B, I, H, layers, dtype, packed)
+    lstm, args = problem(T, B, I, H, layers, dtype, packed, proj_size=proj_size)
     fast = FastBiLSTM.from_lstm(lstm, backend="triton", copy=True)
-    with tr.forced_plan(**(plan or {})):
+    calls = []
+    real = tr.recurrence_forward
+    with tr.forced_plan(**(plan or {})), pytest.MonkeyPatch.context() as mp:
+        # the layers must run on the Triton kernels (ops.py sends a projection elsewhere when a
+        # backend lacks it)
+        mp.setattr(tr, "recurrence_forward", lambda *a, **k: calls.append(k.get("w_hr")) or real(*a, **k))
         got = run(fast, *args, dtype)
+    assert len(calls) == layers and all((w is not None) == (proj_size > 0) for w in calls)
     cudnn = cudnn_run(lstm, args, dtype)
     exact = exact_run(lstm, args)
     report = []
@@ -152,9 +158,31 @@ def test_parity_with_cudnn(case):
         for k, name in enumerate(names_of(lstm)[:3]):
             torch.testing.assert_close(got[k], cudnn[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     if packed:  # nothing written past a sequence's end
-        out = got[0].view(T, B, 2, H)
+        out = got[0].view(T, B, 2, proj_size or H)
         for b, n in enumerate(args[3].tolist()):
             assert torch.all(out[n:, b] == 0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_parity_with_cudnn(case):
+    check_parity(case)
+
+
+# LSTM with projection (proj_size P): (case as CASES, P). The persistent schedule with several
+# programs per group meets twice per step there (o * tanh(c), then h = r @ W_hr^T): the
+# interpreter runs it only in threads (tests/test_triton_projection.py), this is the real barrier.
+PROJ_CASES = [
+    ((17, 3, 5, 50, 2, torch.float32, True, None), 20),  # tile, W resident
+    ((33, 8, 16, 100, 1, torch.float32, True, dict(schedule="persistent", block_n=16)), 40),  # 8 programs/group
+    ((20, 5, 7, 100, 1, torch.float32, False, dict(schedule="stepwise", block_n=16, resident=True)), 30),
+    ((40, 16, 32, 256, 2, torch.float16, True, None), 64),  # persistent, 16 programs per group
+    ((25, 70, 10, 300, 1, torch.bfloat16, True, None), 100),  # stepwise, W streamed
+]
+
+
+@pytest.mark.parametrize("case, proj_size", PROJ_CASES, ids=[f"proj{P}-{case_id(c)}" for c, P in PROJ_CASES])
+def test_projection_parity_with_cudnn(case, proj_size):
+    check_parity(case, proj_size)
 
 
 DETERMINISM = [
