@@ -145,12 +145,13 @@ GRADIENT_BACKENDS = [name for name in available_backends("cpu") if hasattr(recur
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("shape", [(3, 2, 5, 4, 2), (600, 2, 3, 4, 2), (7, 3, 6, 5, 1)], ids=str)
+@pytest.mark.parametrize("shape", [(3, 2, 5, 4, 2), (600, 2, 3, 4, 2), (7, 3, 6, 5, 1), (600, 2, 3, 4, 1)], ids=str)
 @pytest.mark.parametrize("fused", GRADIENT_BACKENDS)
 def test_layer_gradients_are_the_plain_gemms(fused, shape, dtype):
     """The optional extra: layer_gradients gives function.py's plain GEMMs (fp64 to 1e-12, fp32 to
     1e-5 of each result's scale: sums of up to T*B = 1200 products, in blocks of 512 rows either
-    way), None exactly where a result is not needed, and a tensor of its own for every result."""
+    way), None exactly where a result is not needed, and a tensor of its own for every result. At
+    two threads (native: one direction's 1200 rows are then split between two tasks)."""
     from bilstm_fast.function import input_and_weight_gradients
 
     T, B, I, P, D = shape
@@ -162,7 +163,12 @@ def test_layer_gradients_are_the_plain_gemms(fused, shape, dtype):
     for need in ([True] * (1 + 3 * D), [False, True, False, True] * D):
         need_dx, flags = need[0], need[1:1 + 3 * D]
         args = (dgates, x, h_prev, w_ih, need_dx, flags[0::3], flags[1::3], flags[2::3])
-        got = recurrence_module(fused).layer_gradients(*args)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            got = recurrence_module(fused).layer_gradients(*args)
+        finally:
+            torch.set_num_threads(previous)
         dx, dw_ih, dw_hh, db = input_and_weight_gradients("vectorized", *args)
         expected = [dx] + [t for d in range(D) for t in (dw_ih[d], dw_hh[d], db[d])]
         assert len(got) == len(expected)

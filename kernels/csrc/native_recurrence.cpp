@@ -31,6 +31,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -363,19 +364,22 @@ static void run_tasks(int64_t n_tasks, const Fn& fn) {
 // The step GEMM: C[n, N] (+)= A[n, K] @ W for a weight W [K, N] fixed for the whole call (W_hh^T
 // going forward, W_hh going back, W_ih^T for the input projection of a block of steps).
 //
-// Packed (the forward's W_hh^T, fp32, at least PACK_MIN elements): W is packed once per call into
+// Packed (the forward's W_hh^T, fp32, at least PACK_MIN elements, at most PACK_MAX_ROWS rows a
+// step): W is packed once per call into
 // column panels of PANEL columns, each [K, PANEL] contiguous, and every step runs ATen's
 // cpublas::brgemm (oneDNN's JIT micro-kernel where torch has it, ATen's gemm otherwise) panel by
 // panel. MKL's sgemm repacks W on every call, which at a step's few rows (n <= B) is a large share
 // of the step once W outgrows L2: one thread, H=512 B32 505 -> 445 us, H=768 B16 870 -> 669; no
-// gain at H=256 (W fits L2), none for the backward's W_hh (K = 4H, N = H: 458 -> 505, worse) nor
-// for the input projection's hundreds of rows (benchmarks/NOTES.md attempt 23). A brgemm kernel is
+// gain at H=256 (W fits L2), none for the backward's W_hh (K = 4H, N = H: 458 -> 505, worse), nor
+// from 256 rows on (H=512 B256 4458 -> 4948: MKL's packing pays for itself there) and so not for
+// the input projection's hundreds of rows either (benchmarks/NOTES.md attempt 23). A brgemm kernel is
 // generated once per shape and thread (tens of microseconds) and cached by ATen, so calls whose
 // running row count changes from step to step (lengths) pay that once per distinct count.
 // Otherwise at::mm_out on W made contiguous once; a weight used for a call or two (streaming
 // generation) is multiplied as it is: a copy would cost more than it saves.
 constexpr int64_t PANEL = 32;
 constexpr int64_t PACK_MIN = int64_t{1} << 20;  // 4 MB of fp32: H = 512
+constexpr int64_t PACK_MAX_ROWS = 128;
 
 template <typename S>
 class StepGemm {
@@ -529,7 +533,7 @@ static void forward_impl(const Projections& input, const at::Tensor& w_hh, const
     const Task& task = tasks[k];
     const int64_t d = task.d, nr = static_cast<int64_t>(task.rows.size());
     const int64_t* rows = task.rows.data();
-    const StepGemm<S> recurrent(w_hh[d].t(), T, /*pack=*/true);                    // h_prev @ W_hh^T
+    const StepGemm<S> recurrent(w_hh[d].t(), T, /*pack=*/nr <= PACK_MAX_ROWS);     // h_prev @ W_hh^T
     c10::optional<StepGemm<S>> projection;                                        // u @ W_hr^T
     if (proj) projection.emplace(w_hr[d].t(), T);
     c10::optional<ProjectionBlocks<S>> blocks;
@@ -827,10 +831,13 @@ static at::Tensor sum_over_rows(const at::Tensor& a, const at::Tensor& b) {  // 
 // dx = dgates @ W_ih (both directions: K = D*4H) and, per direction d, dW_ih[d] = dgates_d^T x,
 // dW_hh[d] = dgates_d^T h_prev_d and db[d] = the column sums of dgates_d, each a fresh tensor,
 // undefined where its need flag is false. The GEMMs run as single-threaded tasks in one
-// fork/join, direction d's weight gradients beside one slice of dx's rows, instead of one
-// 2-thread team per GEMM (whose split of a GEMM costs efficiency, and which waits on a busy core
-// at every GEMM): dgates [T, B, D, 4H], x [T, B, I], h_prev [T, B, D, H] (undefined when no
-// W_hh gradient is needed), w_ih [D, 4H, I]. Returns [dx, then dW_ih, dW_hh, db per direction].
+// fork/join instead of one 2-thread team per GEMM (whose split of a GEMM costs efficiency, and
+// which waits on a busy core at every GEMM). Task (d, s) takes slice s of direction d's rows for
+// its weight gradients (slices = threads / directions, at least one; whole ROW_BLOCKs, so the
+// partial sums are sums of the same blocks) and one slice of dx's rows, so with one direction
+// and two threads each thread gets half of each GEMM: dgates [T, B, D, 4H], x [T, B, I], h_prev
+// [T, B, D, H] (undefined when no W_hh gradient is needed), w_ih [D, 4H, I]. Returns
+// [dx, then dW_ih, dW_hh, db per direction].
 std::vector<at::Tensor> layer_gradients(const at::Tensor& dgates_in, const at::Tensor& x_in,
                                         const c10::optional<at::Tensor>& h_prev_in, const at::Tensor& w_ih_in,
                                         bool need_dx, const std::vector<bool>& need_w_ih,
@@ -846,30 +853,44 @@ std::vector<at::Tensor> layer_gradients(const at::Tensor& dgates_in, const at::T
   at::Tensor x = x_in.to(dt).contiguous().view({n, I});
   at::Tensor h_prev = h_prev_in.has_value() && h_prev_in->defined() ? h_prev_in->to(dt).contiguous() : at::Tensor();
   at::Tensor w_ih = w_ih_in.to(dt).contiguous();
-  std::vector<at::Tensor> result(1 + 3 * D);
-  if (need_dx) result[0] = at::empty({T, B, I}, dgates.options());
-  // tasks: (direction d's weight gradients, slice d of dx's rows), interleaved so that a static
-  // split over two threads gives each thread one of each
-  at::parallel_for(0, 2 * D, 1, [&](int64_t begin, int64_t end) {
+  const int64_t blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK;
+  const int64_t slices = std::max<int64_t>(1, std::min(at::get_num_threads() / D, blocks));
+  const auto slice_rows = [&](int64_t s) {  // [first, end) of slice s: whole blocks
+    return std::make_pair(std::min(n, blocks * s / slices * ROW_BLOCK), std::min(n, blocks * (s + 1) / slices * ROW_BLOCK));
+  };
+  // partial[k] for task k = d * slices + s: that slice's dW_ih, dW_hh, db of direction d
+  std::vector<std::array<at::Tensor, 3>> partial(D * slices);
+  at::Tensor dx;
+  if (need_dx) dx = at::empty({T, B, I}, dgates.options());
+  at::parallel_for(0, D * slices, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
     for (int64_t k = begin; k < end; ++k) {
-      const int64_t d = k / 2;
-      if (k % 2 == 1) {
-        if (!need_dx) continue;
-        const int64_t first = n * d / D, rows = n * (d + 1) / D - first;
-        at::Tensor dx_rows = result[0].view({n, I}).narrow(0, first, rows);
+      const int64_t d = k / slices;
+      if (need_dx) {  // the k-th of D * slices slices of dx's rows
+        const int64_t first = n * k / (D * slices), rows = n * (k + 1) / (D * slices) - first;
+        at::Tensor dx_rows = dx.view({n, I}).narrow(0, first, rows);
         at::mm_out(dx_rows, dgates.view({n, D * G}).narrow(0, first, rows), w_ih.view({D * G, I}));
-        continue;
       }
-      at::Tensor dg = dgates.select(2, d).reshape({n, G});  // a strided view: row stride D*4H
-      if (need_w_ih[d]) result[1 + 3 * d] = sum_over_rows(dg, x);
+      const auto [first, last] = slice_rows(k % slices);
+      // a strided view: row stride D*4H
+      at::Tensor dg = dgates.select(2, d).reshape({n, G}).narrow(0, first, last - first);
+      if (need_w_ih[d]) partial[k][0] = sum_over_rows(dg, x.narrow(0, first, last - first));
       if (need_w_hh[d]) {
         TORCH_CHECK(h_prev.defined(), "native layer_gradients: h_prev is needed for W_hh's gradient");
-        result[2 + 3 * d] = sum_over_rows(dg, h_prev.select(2, d).reshape({n, h_prev.size(3)}));
+        partial[k][1] = sum_over_rows(dg, h_prev.select(2, d).reshape({n, h_prev.size(3)}).narrow(0, first, last - first));
       }
-      if (need_bias[d]) result[3 + 3 * d] = at::sum(dg, {0});
+      if (need_bias[d]) partial[k][2] = at::sum(dg, {0});
     }
   });
+  std::vector<at::Tensor> result(1 + 3 * D);
+  result[0] = dx;
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t j = 0; j < 3; ++j) {
+      at::Tensor total = partial[d * slices][j];
+      for (int64_t s = 1; s < slices && total.defined(); ++s) total.add_(partial[d * slices + s][j]);
+      result[1 + 3 * d + j] = total;
+    }
+  }
   return result;
 }
 
