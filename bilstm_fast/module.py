@@ -29,12 +29,12 @@ class FastBiLSTM(nn.RNNBase):
         bidirectional: run a second, time-reversed direction and concatenate the two.
             Default **True** (nn.LSTM's is False): that is this class's purpose.
         proj_size: if > 0, an LSTM with projections: h = (o * tanh(c)) @ W_hr^T is proj_size
-            wide, with weights weight_hr_l{k}[_reverse] [proj_size, hidden_size]. Runs on the
-            vectorized backend whatever `backend` says (the Triton kernels have no projection).
-            Default 0.
+            wide, with weights weight_hr_l{k}[_reverse] [proj_size, hidden_size]. Inside every
+            backend's kernels (native, Triton, vectorized). Default 0.
         device, dtype: where and in which dtype the parameters are created.
-        backend: 'auto' (Triton for CUDA tensors when triton imports, vectorized otherwise),
-            'vectorized' or 'triton'. A plain attribute: `module.backend = ...` switches it.
+        backend: 'auto' (Triton for CUDA tensors when triton imports; native for fp32/fp64 CPU
+            tensors where it is built; vectorized otherwise), 'native', 'vectorized' or 'triton'.
+            A plain attribute: `module.backend = ...` switches it.
 
     Call: `output, (h_n, c_n) = module(input, (h_0, c_0))` exactly as nn.LSTM: input a tensor
     ([T, B, I], [B, T, I] with batch_first, or unbatched [T, I]) or a PackedSequence; (h_0, c_0)
