@@ -98,7 +98,6 @@ def test_recurrence_matches_vectorized_float64(case, dtype):
 
 
 @needs_native
-@needs_native
 @pytest.mark.parametrize("case", [(6, 11, 2, 514, [6, 1, 3, 6, 2, 5, 4, 6, 1, 2, 3]), (4, 3, 1, 512, None)],
                          ids=contract_id)
 def test_packed_step_gemm_as_accurate_as_torch_fp32(case):
@@ -122,6 +121,7 @@ def test_packed_step_gemm_as_accurate_as_torch_fp32(case):
         assert native_error <= 2 * torch_error + 1e-7, (name, native_error, torch_error)
 
 
+@needs_native
 def test_saved_cell_state_carries_past_the_end():
     """cs past a sequence's end holds the carried state: the final one going forward, c0 going back."""
     T, B, D, H = 6, 3, 2, 5
