@@ -139,6 +139,10 @@ MODES = {  # name -> concurrent_programs arguments
     "skew": dict(skew=0.005),
     "delayed-stores": dict(delay_stores=True, skew=0.002),
 }
+# The planted bugs are caught when a late program is still late at the step where the bug bites:
+# a skew larger than an interpreted step's compute time (tens of ms on a busy 2-core machine,
+# where 5 ms once let a no-wait barrier pass), so that holds however the threads are scheduled.
+MUTANT_MODES = {"skew": dict(skew=0.1), "delayed-stores": dict(delay_stores=True, skew=0.05)}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -213,7 +217,7 @@ def test_each_barrier_bug_is_caught(name, mode, monkeypatch, tmp_path_factory):
     persistent, _ = plans(H, block_n)
     fwd, cot = problem(*MUTANT_CASE[:6])
     monkeypatch.setattr(module, "_empty", tr._empty)  # NaN-poisoned outputs here too
-    with concurrent_programs(timeout=120, **MODES[mode]):
+    with concurrent_programs(timeout=120, **MUTANT_MODES[mode]):
         got = run(module, persistent, fwd, cot, monkeypatch)
     with pytest.raises(AssertionError):
         check(got, stepwise_run(MUTANT_CASE, monkeypatch), vectorized_reference(fwd, cot), dtype)
