@@ -5,6 +5,7 @@ Imported as `from helpers import ...`: tests/ is not a package, so pytest (defau
 import mode) puts tests/ itself on sys.path.
 """
 import importlib.util
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -134,3 +135,15 @@ def load_script(relative_path, name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextmanager
+def torch_threads(n):
+    """torch's intra-op thread count set to n inside the block (None: left as it is), restored after."""
+    saved = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

@@ -8,6 +8,7 @@ import torch
 
 from bilstm_fast.kernels import available_backends, recurrence_module
 from bilstm_fast.kernels.contract import state_dtype
+from helpers import torch_threads
 
 # (T, B, H, D, lengths)
 CASES = [
@@ -125,9 +126,7 @@ def test_layer_forward_is_the_projection_then_the_recurrence(fused, case, dtype,
     w_ih = torch.randn(D, 4 * H, I, generator=g, dtype=dtype) / I**0.5
     b = torch.randn(D, 4 * H, generator=g, dtype=dtype) if bias else None
     p = problem(T, B, H, D, lengths, dtype)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for save in (True, False):
             args = (p["w_hh"], p["h0"], p["c0"], p["lengths"])
             expected = rec.recurrence_forward(input_projection(x, w_ih, b), *args, save=save)
@@ -137,8 +136,6 @@ def test_layer_forward_is_the_projection_then_the_recurrence(fused, case, dtype,
                 if e is not None:
                     scale = e.abs().max().item()
                     assert (o - e).abs().max().item() <= (1e-12 if dtype == torch.float64 else 1e-5) * scale
-    finally:
-        torch.set_num_threads(previous)
 
 
 GRADIENT_BACKENDS = [name for name in available_backends("cpu") if hasattr(recurrence_module(name), "layer_gradients")]
@@ -163,12 +160,8 @@ def test_layer_gradients_are_the_plain_gemms(fused, shape, dtype):
     for need in ([True] * (1 + 3 * D), [False, True, False, True] * D):
         need_dx, flags = need[0], need[1:1 + 3 * D]
         args = (dgates, x, h_prev, w_ih, need_dx, flags[0::3], flags[1::3], flags[2::3])
-        previous = torch.get_num_threads()
-        torch.set_num_threads(2)
-        try:
+        with torch_threads(2):
             got = recurrence_module(fused).layer_gradients(*args)
-        finally:
-            torch.set_num_threads(previous)
         dx, dw_ih, dw_hh, db = input_and_weight_gradients("vectorized", *args)
         expected = [dx] + [t for d in range(D) for t in (dw_ih[d], dw_hh[d], db[d])]
         assert len(got) == len(expected)

@@ -23,7 +23,7 @@ from torch import nn
 
 from bilstm_fast import FastBiLSTM
 from bilstm_fast.kernels import native, resolve_backend, vectorized
-from helpers import TOL
+from helpers import TOL, torch_threads
 
 needs_native = pytest.mark.skipif(not native.available(),
                                   reason=f"native backend not built: {native.UNAVAILABLE_REASON}")
@@ -178,9 +178,7 @@ def test_compile_fullgraph_through_the_custom_ops():
 
 
 def training_step(threads, B=40, T=7, lengths=None):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         torch.manual_seed(0)
         model = FastBiLSTM(6, 9, num_layers=2, backend="native")
         x = torch.randn(T, B, 6)
@@ -190,8 +188,6 @@ def training_step(threads, B=40, T=7, lengths=None):
         out = out.data if lengths is not None else out
         (out.square().sum() + h.sum() + c.sum()).backward()
         return [out.detach(), h.detach(), c.detach()] + [p.grad for p in model.parameters()]
-    finally:
-        torch.set_num_threads(saved)
 
 
 @needs_native

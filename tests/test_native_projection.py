@@ -17,7 +17,7 @@ from torch import nn
 from bilstm_fast import FastBiLSTM
 from bilstm_fast.kernels import native, vectorized
 from bilstm_fast.kernels.reference import lstm_layer_reference
-from helpers import TOL, forward_backward
+from helpers import TOL, forward_backward, torch_threads
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason=f"native backend not built: {native.UNAVAILABLE_REASON}")
@@ -66,15 +66,10 @@ def valid_mask(lengths, T, B):
 
 def run(p, g, threads=None):
     """native forward and backward (with the saved buffers) -> (out, h_n, c_n, gates, cs), (dgates, dh0, dc0, dh)."""
-    saved = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         fwd = native.recurrence_forward(**p)
         bwd = native.recurrence_backward(g["dout"], g["dh_n"], g["dc_n"], p["w_hh"], fwd[3], fwd[4], p["c0"],
                                          p["lengths"], w_hr=p["w_hr"])
-    finally:
-        torch.set_num_threads(saved)
     return fwd, bwd
 
 
