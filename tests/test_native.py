@@ -101,10 +101,11 @@ def test_recurrence_matches_vectorized_float64(case, dtype):
 @pytest.mark.parametrize("case", [(6, 11, 2, 514, [6, 1, 3, 6, 2, 5, 4, 6, 1, 2, 3]), (4, 3, 1, 512, None)],
                          ids=contract_id)
 def test_packed_step_gemm_as_accurate_as_torch_fp32(case):
-    """H >= 512: the fp32 forward's step GEMM runs on W_hh^T packed into panels (H = 514: a
-    narrower last panel) while the running rows shrink. Its error against float64 must be that of
-    fp32 torch (the vectorized recurrence, torch.mm) on the same inputs, within 2x: at these sizes
-    a pre-activation sums ~500 products and fp32 torch itself misses TOL's atol of 1e-6 (gates by
+    """H >= 512: the fp32 step GEMMs run on W_hh^T (forward) and W_hh (backward) packed into
+    panels (H = 514: a narrower last panel, and the backward's K = 4H = 2056 ends in a K block of
+    8) while the running rows shrink. Their error against float64 must be that of fp32 torch (the
+    vectorized recurrence, torch.mm) on the same inputs, within 2x: at these sizes a
+    pre-activation sums ~500 products and fp32 torch itself misses TOL's atol of 1e-6 (gates by
     2-3e-6), so an absolute bound would test the inputs, not the kernel."""
     T, B, D, H, lengths = case
     lens = None if lengths is None else torch.tensor(lengths)
@@ -116,6 +117,19 @@ def test_packed_step_gemm_as_accurate_as_torch_fp32(case):
     for name, n, t, r in zip(("out", "h_n", "c_n", "gates", "cs"), got, torch_fp32, ref):
         if name == "gates":  # unspecified past a sequence's end
             n, t, r = n * valid, t * valid, r * valid
+        native_error = (n.double() - r).abs().max().item()
+        torch_error = (t.double() - r).abs().max().item()
+        assert native_error <= 2 * torch_error + 1e-7, (name, native_error, torch_error)
+    # the backward from float64's saved gates and cell states, rounded to fp32 for both
+    _, _, _, gates, cs = ref
+    g = torch.Generator().manual_seed(5)
+    dout, dh_n, dc_n = (torch.randn(shape, generator=g) for shape in ((T, B, D, H), (D, B, H), (D, B, H)))
+    _, w, _, c0 = inputs
+    fp32_args = (dout, dh_n, dc_n, w, gates.float(), cs.float(), c0)
+    ref_b = vectorized.recurrence_backward(*(t.double() for t in fp32_args), lens)
+    torch_b = vectorized.recurrence_backward(*fp32_args, lens)
+    got_b = native.recurrence_backward(*fp32_args, lens)
+    for name, n, t, r in zip(("dgates", "dh0", "dc0"), got_b, torch_b, ref_b):
         native_error = (n.double() - r).abs().max().item()
         torch_error = (t.double() - r).abs().max().item()
         assert native_error <= 2 * torch_error + 1e-7, (name, native_error, torch_error)

@@ -364,28 +364,35 @@ static void run_tasks(int64_t n_tasks, const Fn& fn) {
 // The step GEMM: C[n, N] (+)= A[n, K] @ W for a weight W [K, N] fixed for the whole call (W_hh^T
 // going forward, W_hh going back, W_ih^T for the input projection of a block of steps).
 //
-// Packed (the forward's W_hh^T, fp32, at least PACK_MIN elements, at most PACK_MAX_ROWS rows a
-// step): W is packed once per call into
-// column panels of PANEL columns, each [K, PANEL] contiguous, and every step runs ATen's
-// cpublas::brgemm (oneDNN's JIT micro-kernel where torch has it, ATen's gemm otherwise) panel by
-// panel. MKL's sgemm repacks W on every call, which at a step's few rows (n <= B) is a large share
-// of the step once W outgrows L2: one thread, H=512 B32 505 -> 445 us, H=768 B16 870 -> 669; no
-// gain at H=256 (W fits L2), none for the backward's W_hh (K = 4H, N = H: 458 -> 505, worse), nor
-// from 256 rows on (H=512 B256 4458 -> 4948: MKL's packing pays for itself there) and so not for
-// the input projection's hundreds of rows either (benchmarks/NOTES.md attempt 23). A brgemm kernel is
-// generated once per shape and thread (tens of microseconds) and cached by ATen, so calls whose
-// running row count changes from step to step (lengths) pay that once per distinct count.
+// Packed (the recurrent weight, fp32, at least PACK_MIN elements, a task of PACK_MIN_ROWS to
+// PACK_MAX_ROWS rows): W is packed once per call into column panels of PANEL columns, each
+// [K, PANEL] contiguous, and every step runs ATen's cpublas::brgemm (oneDNN's JIT micro-kernel where
+// torch has it, ATen's gemm otherwise) panel by panel, over K in blocks of at most K_BLOCK. MKL's
+// sgemm repacks W on every call, a large share of a step of a few rows, and more so while the other
+// core runs its own direction (the two share the cache and memory bandwidth). Measured with both
+// directions running, 2 threads (benchmarks/NOTES.md attempts 23 and 27): forward H=512 B32
+// 0.90x, H=768 B16 0.85x, B2 0.65x, H=256 B64 0.96x; backward (K = 4H) in K blocks of 512 H=768 B16
+// 0.78x, H=512 B32 0.89x, H=256 B64 0.87x, B2 0.63x (unblocked: 0.90x, 0.96x: brgemm over all of
+// K = 2048-3072 loses most of the gain); no gain from 256 rows on (MKL's packing pays for itself
+// there). A single row stays on MKL: its GEMV streams W at the memory bandwidth already, and the
+// panels lose 5-15% (B1 H768: forward 1.07x, backward 1.16x packed). A brgemm kernel is generated
+// once per shape and thread (tens of microseconds) and cached by ATen, so calls whose running row
+// count changes from step to step (lengths) pay that once per distinct count.
 // Otherwise at::mm_out on W made contiguous once; a weight used for a call or two (streaming
 // generation) is multiplied as it is: a copy would cost more than it saves.
 constexpr int64_t PANEL = 32;
-constexpr int64_t PACK_MIN = int64_t{1} << 20;  // 4 MB of fp32: H = 512
+constexpr int64_t K_BLOCK = 512;
+constexpr int64_t PACK_MIN = int64_t{1} << 18;  // 1 MB of fp32: H = 256
+constexpr int64_t PACK_MIN_ROWS = 2;
 constexpr int64_t PACK_MAX_ROWS = 128;
 
 template <typename S>
 class StepGemm {
  public:
-  StepGemm(const at::Tensor& w, int64_t calls, bool pack = false) : K_(w.size(0)), N_(w.size(1)) {
-    use_panels_ = pack && std::is_same<S, float>::value && K_ * N_ >= PACK_MIN && calls > 2;
+  // rows: the most rows a call multiplies, for a recurrent weight (0: not one, never packed)
+  StepGemm(const at::Tensor& w, int64_t calls, int64_t rows = 0) : K_(w.size(0)), N_(w.size(1)) {
+    use_panels_ = std::is_same<S, float>::value && K_ * N_ >= PACK_MIN && calls > 2 && rows >= PACK_MIN_ROWS &&
+                  rows <= PACK_MAX_ROWS;
     if (!use_panels_) {
       w_ = calls > 2 ? w.contiguous() : w;
       return;
@@ -414,7 +421,10 @@ class StepGemm {
     float* c_p = reinterpret_cast<float*>(c.data_ptr());
     for (int64_t j = 0; j * PANEL < N_; ++j) {
       const int64_t width = std::min(PANEL, N_ - j * PANEL);
-      at::native::cpublas::brgemm(n, width, K_, K_, PANEL, N_, accumulate, a_p, w_p + j * K_ * PANEL, c_p + j * PANEL);
+      for (int64_t k = 0; k < K_; k += K_BLOCK) {
+        at::native::cpublas::brgemm(n, width, std::min(K_BLOCK, K_ - k), K_, PANEL, N_, accumulate || k > 0, a_p + k,
+                                    w_p + (j * K_ + k) * PANEL, c_p + j * PANEL);
+      }
     }
   }
 
@@ -533,7 +543,7 @@ static void forward_impl(const Projections& input, const at::Tensor& w_hh, const
     const Task& task = tasks[k];
     const int64_t d = task.d, nr = static_cast<int64_t>(task.rows.size());
     const int64_t* rows = task.rows.data();
-    const StepGemm<S> recurrent(w_hh[d].t(), T, /*pack=*/nr <= PACK_MAX_ROWS);     // h_prev @ W_hh^T
+    const StepGemm<S> recurrent(w_hh[d].t(), T, nr);  // h_prev @ W_hh^T
     c10::optional<StepGemm<S>> projection;                                        // u @ W_hr^T
     if (proj) projection.emplace(w_hr[d].t(), T);
     c10::optional<ProjectionBlocks<S>> blocks;
@@ -713,7 +723,7 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const 
     const Task& task = tasks[k];
     const int64_t d = task.d, nr = static_cast<int64_t>(task.rows.size());
     const int64_t* rows = task.rows.data();
-    const StepGemm<S> recurrent(w_hh[d], T);  // dh_prev = dgates @ W_hh [4H, P]
+    const StepGemm<S> recurrent(w_hh[d], T, nr);  // dh_prev = dgates @ W_hh [4H, P]
     c10::optional<StepGemm<S>> projection;    // du = dh @ W_hr [P, H]
     if (proj) projection.emplace(w_hr[d], T);
     at::Tensor dh = at::empty({nr, P}, gates.options());
