@@ -127,6 +127,7 @@ template <typename S, bool SAVE, bool PROJ>
 static ALWAYS_INLINE void forward_rows(
     int64_t n, const int64_t* rows, int64_t H,
     const S* __restrict__ gx, const int64_t* gx_rows, int64_t gx_rs,  // row r's projections at gx + gx_rows[r] * gx_rs
+    const S* __restrict__ bias,               // [4H] added to them (zeros where gx holds it already)
     const S* __restrict__ hw,                 // [n, 4H]: h_prev @ W_hh^T of this step
     S* __restrict__ h,                        // [n, H] out: o * tanh(c) (the h state unless PROJ)
     S* __restrict__ c,                        // [n, H] cell state, updated in place
@@ -145,10 +146,10 @@ static ALWAYS_INLINE void forward_rows(
     S* __restrict__ c_row = SAVE ? cs + b * rs : nullptr;
     SIMD_LOOP
     for (int64_t j = 0; j < H; ++j) {
-      S i = sigmoid(x[j] + a[j]);
-      S f = sigmoid(x[H + j] + a[H + j]);
-      S g = tanh_act(x[2 * H + j] + a[2 * H + j]);
-      S o = sigmoid(x[3 * H + j] + a[3 * H + j]);
+      S i = sigmoid((x[j] + bias[j]) + a[j]);
+      S f = sigmoid((x[H + j] + bias[H + j]) + a[H + j]);
+      S g = tanh_act((x[2 * H + j] + bias[2 * H + j]) + a[2 * H + j]);
+      S o = sigmoid((x[3 * H + j] + bias[3 * H + j]) + a[3 * H + j]);
       S cn = f * cr[j] + i * g;
       S hn = o * tanh_act(cn);
       if constexpr (SAVE) {
@@ -229,14 +230,16 @@ static ALWAYS_INLINE void backward_rows_for(bool proj, Args... args) {
 // The multiversioned entry points (target_clones wants plain functions, not templates). Without
 // gates (nullptr) the forward is the inference variant.
 MULTI_TARGET void forward_rows_f32(int64_t n, const int64_t* rows, int64_t H, const float* gx,
-                                   const int64_t* gx_rows, int64_t gx_rs, const float* hw, float* h, float* c, float* out,
+                                   const int64_t* gx_rows, int64_t gx_rs, const float* bias, const float* hw, float* h, float* c, float* out,
                                    int64_t rs, float* gates, int64_t g_rs, float* cs, bool proj) {
-  forward_rows_for<float>(gates != nullptr, proj, n, rows, H, gx, gx_rows, gx_rs, hw, h, c, out, rs, gates, g_rs, cs);
+  forward_rows_for<float>(gates != nullptr, proj, n, rows, H, gx, gx_rows, gx_rs, bias, hw, h, c, out, rs, gates, g_rs,
+                          cs);
 }
 MULTI_TARGET void forward_rows_f64(int64_t n, const int64_t* rows, int64_t H, const double* gx,
-                                   const int64_t* gx_rows, int64_t gx_rs, const double* hw, double* h, double* c, double* out,
+                                   const int64_t* gx_rows, int64_t gx_rs, const double* bias, const double* hw, double* h, double* c, double* out,
                                    int64_t rs, double* gates, int64_t g_rs, double* cs, bool proj) {
-  forward_rows_for<double>(gates != nullptr, proj, n, rows, H, gx, gx_rows, gx_rs, hw, h, c, out, rs, gates, g_rs, cs);
+  forward_rows_for<double>(gates != nullptr, proj, n, rows, H, gx, gx_rows, gx_rs, bias, hw, h, c, out, rs, gates, g_rs,
+                           cs);
 }
 MULTI_TARGET void backward_rows_f32(int64_t n, const int64_t* rows, int64_t H, const float* dout, int64_t rs,
                                     const float* gates, int64_t g_rs, const float* cs, const float* c_prev,
@@ -250,14 +253,14 @@ MULTI_TARGET void backward_rows_f64(int64_t n, const int64_t* rows, int64_t H, c
 }
 
 static void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const float* gx, const int64_t* gx_rows,
-                             int64_t gx_rs, const float* hw, float* h, float* c, float* out, int64_t rs, float* gates,
+                             int64_t gx_rs, const float* bias, const float* hw, float* h, float* c, float* out, int64_t rs, float* gates,
                              int64_t g_rs, float* cs, bool proj) {
-  forward_rows_f32(n, rows, H, gx, gx_rows, gx_rs, hw, h, c, out, rs, gates, g_rs, cs, proj);
+  forward_rows_f32(n, rows, H, gx, gx_rows, gx_rs, bias, hw, h, c, out, rs, gates, g_rs, cs, proj);
 }
 static void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const double* gx, const int64_t* gx_rows,
-                             int64_t gx_rs, const double* hw, double* h, double* c, double* out, int64_t rs,
+                             int64_t gx_rs, const double* bias, const double* hw, double* h, double* c, double* out, int64_t rs,
                              double* gates, int64_t g_rs, double* cs, bool proj) {
-  forward_rows_f64(n, rows, H, gx, gx_rows, gx_rs, hw, h, c, out, rs, gates, g_rs, cs, proj);
+  forward_rows_f64(n, rows, H, gx, gx_rows, gx_rs, bias, hw, h, c, out, rs, gates, g_rs, cs, proj);
 }
 static void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const float* dout, int64_t rs,
                               const float* gates, int64_t g_rs, const float* cs, const float* c_prev, int64_t cp_rs,
@@ -447,7 +450,7 @@ class StepGemm {
 // Where a task's input projections x @ W_ih^T + b come from: the contract's precomputed gx
 // [T, B, D, 4H] (recurrence_forward), or x [T, B, I], W_ih [D, 4H, I] and the summed bias
 // [D, 4H] (undefined without bias), projected by the task itself a block of steps at a time
-// (layer_forward). Each block is consumed while it is still in the core's cache, the projection
+// (layer_forward; the fused loop adds the bias, which saves a pass over the block). Each block is consumed while it is still in the core's cache, the projection
 // runs on the direction's own thread with no fork/join of its own, and the whole gx (fresh
 // memory that faults page by page as it is first written) is never made.
 struct Projections {
@@ -470,7 +473,6 @@ class ProjectionBlocks {
         nr_(static_cast<int64_t>(task.rows.size())),
         steps_(std::max<int64_t>(1, std::min<int64_t>(T, BLOCK_BYTES / (nr_ * G_ * int64_t(sizeof(S)))))),
         gemm_(p.w_ih[task.d].t(), (T + steps_ - 1) / steps_), x_(p.x),
-        bias_(p.bias.defined() ? p.bias[task.d].contiguous() : p.bias),
         block_(at::empty({steps_ * nr_, G_}, p.x.options())), order_(nr_) {
     std::iota(order_.begin(), order_.end(), int64_t{0});
     contiguous_rows_ = nr_ == B_ && std::equal(order_.begin(), order_.end(), task.rows.begin());
@@ -506,15 +508,14 @@ class ProjectionBlocks {
       xb = gathered_.narrow(0, 0, count * rows_);
     }
     at::Tensor out = block_.narrow(0, 0, count * rows_);
-    if (bias_.defined()) out.copy_(bias_.unsqueeze(0).expand_as(out));
-    gemm_.run(xb, out, /*accumulate=*/bias_.defined());
+    gemm_.run(xb, out);
   }
 
   const Task& task_;
   const std::vector<int64_t>& len_;
   const int64_t T_, B_, I_, G_, nr_, steps_;
   const StepGemm<S> gemm_;
-  at::Tensor x_, bias_, block_, gathered_;
+  at::Tensor x_, block_, gathered_;
   std::vector<int64_t> order_;
   bool contiguous_rows_;
   int64_t t_lo_ = 0, rows_ = 0;
@@ -548,6 +549,8 @@ static void forward_impl(const Projections& input, const at::Tensor& w_hh, const
     if (proj) projection.emplace(w_hr[d].t(), T);
     c10::optional<ProjectionBlocks<S>> blocks;
     if (fused) blocks.emplace(input, task, len, T);
+    // the fused loop adds the bias to a block's projections; gx holds it already
+    const at::Tensor bias = fused && input.bias.defined() ? input.bias[d].contiguous() : at::zeros({G}, out.options());
     // task-private state, allocated on the thread that uses it: h [nr, P], c [nr, H],
     // hw [nr, 4H], and with a projection the unprojected h, u [nr, H]
     at::Tensor h = at::empty({nr, P}, out.options());
@@ -571,7 +574,7 @@ static void forward_impl(const Projections& input, const at::Tensor& w_hh, const
         recurrent.run(h.narrow(0, 0, n), hw_n);
         // the loop's out and cs share the row stride c_rs; with a projection it does not write out
         forward_rows_any(n, rows, H, gx_t, fused ? blocks->index() : rows, fused ? blocks->row_stride() : gx_rs,
-                         hw.data_ptr<S>(), u.data_ptr<S>(), c_p, proj ? nullptr : out_t, c_rs,
+                         bias.data_ptr<S>(), hw.data_ptr<S>(), u.data_ptr<S>(), c_p, proj ? nullptr : out_t, c_rs,
                          save ? gates_p + t * gx_ts + d * G : nullptr, gx_rs, save ? cs_p + t * c_ts + d * H : nullptr,
                          proj);
         if (proj) {
