@@ -30,6 +30,9 @@ def torchvision_mnist(images, labels, root):
     return datasets.MNIST(root, train=True, download=False, transform=transforms.ToTensor())
 
 
+CHUNK = 10  # steps an implementation runs before the next takes its turn
+
+
 def run_mnist(args, device, impls, log):
     """Seconds per training epoch of the MNIST classifier (batch 64, Adam) per implementation.
     With --mnist-steps N, N steps are timed after warm-up and scaled to a full epoch."""
@@ -48,34 +51,58 @@ def run_mnist(args, device, impls, log):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed_epoch(model, batch_iter):
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        for _ in range(warmup):
-            images, labels = next(batch_iter)
-            train_step(model, optimizer, images, labels)
-        sync()
-        start = time.perf_counter()
-        for _ in range(steps):
-            images, labels = next(batch_iter)
-            train_step(model, optimizer, images, labels)
-        sync()
-        return (time.perf_counter() - start) * steps_per_epoch / steps
-
     def endless(make_epoch):
         epoch = 0
         while True:
             yield from make_epoch(epoch)
             epoch += 1
 
-    rows = []
+    class Run:
+        """One implementation's model, optimizer and batch stream, timed a chunk of steps at a time."""
+
+        def __init__(self, model):
+            self.model, self.seconds = model, 0.0
+            self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+            self.batches = endless(batches.epoch)
+
+        def steps(self, n, timed=True):
+            sync()
+            start = time.perf_counter()
+            for _ in range(n):
+                images, labels = next(self.batches)
+                train_step(self.model, self.optimizer, images, labels)
+            sync()
+            if timed:
+                self.seconds += time.perf_counter() - start
+
+    def timed_together(models):
+        """Seconds per epoch of each model. The implementations take turns, CHUNK steps each, so a
+        burst of load from other processes, or a slow drift of the machine's speed, lands on all
+        of them alike (timed one after another, whole runs minutes apart moved the ratio by 10%)."""
+        runs = [Run(model) for model in models]
+        for run in runs:
+            run.steps(warmup, timed=False)
+        done = 0
+        while done < steps:
+            chunk = min(CHUNK, steps - done)
+            for run in runs:
+                run.steps(chunk)
+            done += chunk
+        return [run.seconds * steps_per_epoch / steps for run in runs]
+
+    models = []
     for impl in impls:
         model = build_model("torch", 0, device)
         if impl.name != "nn.LSTM":
             model.lstm = impl.build(model.lstm)
-        seconds = timed_epoch(model, endless(batches.epoch))
+        models.append(model)
+    rows = []
+    for impl, seconds in zip(impls, timed_together(models)):
         rows.append({"impl": impl.name, "loader": "device-resident", "seconds_per_epoch": seconds,
                      "steps_timed": steps})
         log(f"  {impl.name:16s} device-resident loader: {seconds:8.1f} s/epoch")
+    del models
+    # alone, after the others: its worker processes would take cores from whatever ran beside them
     with tempfile.TemporaryDirectory() as root:
         dataset = torchvision_mnist(train_x, train_y, root)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
@@ -85,8 +112,11 @@ def run_mnist(args, device, impls, log):
             for images, labels in loader:
                 yield images.squeeze(1).to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
-        model = build_model("torch", 0, device)
-        seconds = timed_epoch(model, endless(loader_epoch))
+        run = Run(build_model("torch", 0, device))
+        run.batches = endless(loader_epoch)
+        run.steps(warmup, timed=False)
+        run.steps(steps)
+        seconds = run.seconds * steps_per_epoch / steps
         rows.append({"impl": "nn.LSTM", "loader": f"torchvision DataLoader ({args.mnist_workers} workers)",
                      "seconds_per_epoch": seconds, "steps_timed": steps})
         log(f"  {'nn.LSTM':16s} torchvision DataLoader: {seconds:8.1f} s/epoch")
