@@ -74,6 +74,7 @@ def plot_speedups(rows, info, path, log):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         log("matplotlib is not installed: skipping the speedup chart (pip install matplotlib)")
         return False
@@ -98,9 +99,16 @@ def plot_speedups(rows, info, path, log):
                 if r["impl"] == impl and key.startswith(prefix):
                     xs.append(g + (k - (len(impls) - 1) / 2) * width)
                     ys.append(r["speedup_vs_nn_lstm"])
-        ax.bar(xs, ys, width, label=impl)
+        bars = ax.bar(xs, ys, width, label=impl)
+        ax.bar_label(bars, fmt="%.2f", fontsize=6)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
+    # plain ratios as tick labels: a log axis alone labels only the powers of ten
+    low, high = ax.get_ylim()
+    steps = (0.9, 1, 1.1, 1.25) if high / low < 3 else (0.75, 1, 1.5)  # finer steps on a narrow range
+    ticks = [t for t in sorted({0.1, 0.25, 0.5, 2, 3, 5, 10, 20, 50, *steps}) if low <= t <= high]
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, fontsize=7)
     ax.set_ylabel("speedup vs nn.LSTM (higher is faster)")
