@@ -230,14 +230,14 @@ static ALWAYS_INLINE void backward_rows_for(bool proj, Args... args) {
 // The multiversioned entry points (target_clones wants plain functions, not templates). Without
 // gates (nullptr) the forward is the inference variant.
 MULTI_TARGET void forward_rows_f32(int64_t n, const int64_t* rows, int64_t H, const float* gx,
-                                   const int64_t* gx_rows, int64_t gx_rs, const float* bias, const float* hw, float* h, float* c, float* out,
-                                   int64_t rs, float* gates, int64_t g_rs, float* cs, bool proj) {
+                                   const int64_t* gx_rows, int64_t gx_rs, const float* bias, const float* hw, float* h,
+                                   float* c, float* out, int64_t rs, float* gates, int64_t g_rs, float* cs, bool proj) {
   forward_rows_for<float>(gates != nullptr, proj, n, rows, H, gx, gx_rows, gx_rs, bias, hw, h, c, out, rs, gates, g_rs,
                           cs);
 }
 MULTI_TARGET void forward_rows_f64(int64_t n, const int64_t* rows, int64_t H, const double* gx,
-                                   const int64_t* gx_rows, int64_t gx_rs, const double* bias, const double* hw, double* h, double* c, double* out,
-                                   int64_t rs, double* gates, int64_t g_rs, double* cs, bool proj) {
+                                   const int64_t* gx_rows, int64_t gx_rs, const double* bias, const double* hw, double* h,
+                                   double* c, double* out, int64_t rs, double* gates, int64_t g_rs, double* cs, bool proj) {
   forward_rows_for<double>(gates != nullptr, proj, n, rows, H, gx, gx_rows, gx_rs, bias, hw, h, c, out, rs, gates, g_rs,
                            cs);
 }
@@ -253,13 +253,13 @@ MULTI_TARGET void backward_rows_f64(int64_t n, const int64_t* rows, int64_t H, c
 }
 
 static void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const float* gx, const int64_t* gx_rows,
-                             int64_t gx_rs, const float* bias, const float* hw, float* h, float* c, float* out, int64_t rs, float* gates,
-                             int64_t g_rs, float* cs, bool proj) {
+                             int64_t gx_rs, const float* bias, const float* hw, float* h, float* c, float* out,
+                             int64_t rs, float* gates, int64_t g_rs, float* cs, bool proj) {
   forward_rows_f32(n, rows, H, gx, gx_rows, gx_rs, bias, hw, h, c, out, rs, gates, g_rs, cs, proj);
 }
 static void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const double* gx, const int64_t* gx_rows,
-                             int64_t gx_rs, const double* bias, const double* hw, double* h, double* c, double* out, int64_t rs,
-                             double* gates, int64_t g_rs, double* cs, bool proj) {
+                             int64_t gx_rs, const double* bias, const double* hw, double* h, double* c,
+                             double* out, int64_t rs, double* gates, int64_t g_rs, double* cs, bool proj) {
   forward_rows_f64(n, rows, H, gx, gx_rows, gx_rs, bias, hw, h, c, out, rs, gates, g_rs, cs, proj);
 }
 static void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const float* dout, int64_t rs,
@@ -450,9 +450,10 @@ class StepGemm {
 // Where a task's input projections x @ W_ih^T + b come from: the contract's precomputed gx
 // [T, B, D, 4H] (recurrence_forward), or x [T, B, I], W_ih [D, 4H, I] and the summed bias
 // [D, 4H] (undefined without bias), projected by the task itself a block of steps at a time
-// (layer_forward; the fused loop adds the bias, which saves a pass over the block). Each block is consumed while it is still in the core's cache, the projection
-// runs on the direction's own thread with no fork/join of its own, and the whole gx (fresh
-// memory that faults page by page as it is first written) is never made.
+// (layer_forward; the fused loop adds the bias, which saves a pass over the block). Each block
+// is consumed while it is still in the core's cache, the projection runs on the direction's own
+// thread with no fork/join of its own, and the whole gx (fresh memory that faults page by page as
+// it is first written) is never made.
 struct Projections {
   at::Tensor gx;
   at::Tensor x, w_ih, bias;
