@@ -191,3 +191,39 @@ def test_loaded_run_has_both_implementations_under_a_busy_process(tmp_path, caps
     rows = json.loads(json_path.read_text())["rows"]
     assert {"nn.LSTM", "fast-vectorized"} <= {r["impl"] for r in rows}
     assert all(r["loaded"] for r in rows)
+
+
+@pytest.mark.slow
+def test_mnist_epochs_take_turns(tmp_path, monkeypatch):
+    """--mnist-only: every implementation gets the same number of timed steps, and they take
+    turns CHUNK steps at a time (so load from elsewhere lands on all of them alike) after each
+    one's warm-up; the seconds per epoch are scaled from the timed steps."""
+    import bilstm_fast.train_mnist as train_mnist
+    from benchmarks import mnist_epoch
+
+    order = []
+    real_step = train_mnist.train_step
+
+    def recording_step(model, *args):
+        order.append(id(model))
+        return real_step(model, *args)
+
+    monkeypatch.setattr(train_mnist, "train_step", recording_step)
+    monkeypatch.setattr(mnist_epoch, "CHUNK", 1)
+    impls = [run.Impl("fast-vectorized", lambda lstm: FastBiLSTM.from_lstm(lstm, backend="vectorized", copy=True)),
+             run.Impl("nn.LSTM", lambda lstm: lstm)]
+    status = run.main(["--mnist-only", "--mnist-steps", "3", "--mnist-workers", "0", "--out", str(tmp_path)],
+                      impls=impls)
+    assert status == 0
+    warmup, steps = 3, 3
+    first, second, loader = order[:warmup], order[warmup:2 * warmup], order[2 * (warmup + steps):]
+    assert len(set(first)) == 1 and len(set(second)) == 1 and first[0] != second[0]
+    timed = order[2 * warmup:2 * warmup + 2 * steps]
+    assert timed == [first[0], second[0]] * steps  # turns, one step each
+    assert len(order) == 2 * (warmup + steps) + warmup + steps  # then the DataLoader row alone
+    assert len(set(loader)) == 1 and loader[0] not in (first[0], second[0])
+    (json_path,) = tmp_path.glob("*_mnist.json")
+    rows = json.loads(json_path.read_text())["mnist"]
+    assert [(r["impl"], r["loader"].split()[0]) for r in rows] == [
+        ("fast-vectorized", "device-resident"), ("nn.LSTM", "device-resident"), ("nn.LSTM", "torchvision")]
+    assert all(r["seconds_per_epoch"] > 0 and r["steps_timed"] == steps and r["extrapolated"] for r in rows)
