@@ -168,7 +168,9 @@ static ALWAYS_INLINE void forward_rows(
 
 // PROJ: dh already holds the whole gradient of o * tanh(c) (the caller added dout, which is P
 // wide, before projecting it back through W_hr); without it the loop adds dout itself.
-template <typename S, bool PROJ>
+// COPY: also store the gate gradients to the task's own [n, 4H] buffer dg, for the step GEMM;
+// without it (a task whose rows are the batch rows in order) that GEMM reads them from dgates.
+template <typename S, bool PROJ, bool COPY>
 static ALWAYS_INLINE void backward_rows(
     int64_t n, const int64_t* rows, int64_t H,
     const S* __restrict__ dout, int64_t rs,         // dout at (t, 0, d), unused with PROJ; rs: row stride of dout and cs
@@ -177,7 +179,7 @@ static ALWAYS_INLINE void backward_rows(
     const S* __restrict__ c_prev, int64_t cp_rs,    // previous cell state: cs at the previous step, or c0
     S* __restrict__ dh,                             // [n, H] in: dL/dh after this step; consumed
     S* __restrict__ dc,                             // [n, H] in/out: dL/dc after -> before this step
-    S* __restrict__ dg,                             // [n, 4H] out: gate gradients for the GEMM
+    S* __restrict__ dg,                             // COPY: [n, 4H] out, gate gradients for the GEMM
     S* __restrict__ dgates) {                       // dgates at (t, 0, d) (row stride g_rs)
   const int64_t G = 4 * H;
   for (int64_t r = 0; r < n; ++r) {
@@ -188,7 +190,7 @@ static ALWAYS_INLINE void backward_rows(
     const S* __restrict__ dor = PROJ ? nullptr : dout + b * rs;
     S* __restrict__ dhr = dh + r * H;
     S* __restrict__ dcr = dc + r * H;
-    S* __restrict__ dgr = dg + r * G;
+    S* __restrict__ dgr = COPY ? dg + r * G : nullptr;
     S* __restrict__ dgo = dgates + b * g_rs;
     SIMD_LOOP
     for (int64_t j = 0; j < H; ++j) {
@@ -202,10 +204,12 @@ static ALWAYS_INLINE void backward_rows(
       S dgg = dct * i * (S(1) - g * g);
       S d_o = dht * tc * (o * (S(1) - o));
       dcr[j] = dct * f;
-      dgr[j] = di;
-      dgr[H + j] = df;
-      dgr[2 * H + j] = dgg;
-      dgr[3 * H + j] = d_o;
+      if constexpr (COPY) {
+        dgr[j] = di;
+        dgr[H + j] = df;
+        dgr[2 * H + j] = dgg;
+        dgr[3 * H + j] = d_o;
+      }
       dgo[j] = di;
       dgo[H + j] = df;
       dgo[2 * H + j] = dgg;
@@ -223,8 +227,11 @@ static ALWAYS_INLINE void forward_rows_for(bool save, bool proj, Args... args) {
     proj ? forward_rows<S, false, true>(args...) : forward_rows<S, false, false>(args...);
 }
 template <typename S, typename... Args>
-static ALWAYS_INLINE void backward_rows_for(bool proj, Args... args) {
-  proj ? backward_rows<S, true>(args...) : backward_rows<S, false>(args...);
+static ALWAYS_INLINE void backward_rows_for(bool proj, bool copy, Args... args) {
+  if (copy)
+    proj ? backward_rows<S, true, true>(args...) : backward_rows<S, false, true>(args...);
+  else
+    proj ? backward_rows<S, true, false>(args...) : backward_rows<S, false, false>(args...);
 }
 
 // The multiversioned entry points (target_clones wants plain functions, not templates). Without
@@ -244,12 +251,14 @@ MULTI_TARGET void forward_rows_f64(int64_t n, const int64_t* rows, int64_t H, co
 MULTI_TARGET void backward_rows_f32(int64_t n, const int64_t* rows, int64_t H, const float* dout, int64_t rs,
                                     const float* gates, int64_t g_rs, const float* cs, const float* c_prev,
                                     int64_t cp_rs, float* dh, float* dc, float* dg, float* dgates, bool proj) {
-  backward_rows_for<float>(proj, n, rows, H, dout, rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, dgates);
+  backward_rows_for<float>(proj, dg != nullptr, n, rows, H, dout, rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg,
+                         dgates);
 }
 MULTI_TARGET void backward_rows_f64(int64_t n, const int64_t* rows, int64_t H, const double* dout, int64_t rs,
                                     const double* gates, int64_t g_rs, const double* cs, const double* c_prev,
                                     int64_t cp_rs, double* dh, double* dc, double* dg, double* dgates, bool proj) {
-  backward_rows_for<double>(proj, n, rows, H, dout, rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, dgates);
+  backward_rows_for<double>(proj, dg != nullptr, n, rows, H, dout, rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg,
+                         dgates);
 }
 
 static void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const float* gx, const int64_t* gx_rows,
@@ -409,7 +418,7 @@ class StepGemm {
     }
   }
 
-  // a: [n, K] rows contiguous, c: [n, N] rows contiguous; accumulate: c += a @ W, else c = a @ W
+  // a: [n, K] with unit column stride, c: [n, N] rows contiguous; accumulate: c += a @ W, else c = a @ W
   void run(const at::Tensor& a, at::Tensor& c, bool accumulate = false) const {
     const int64_t n = a.size(0);
     if (!use_panels_) {
@@ -425,7 +434,7 @@ class StepGemm {
     for (int64_t j = 0; j * PANEL < N_; ++j) {
       const int64_t width = std::min(PANEL, N_ - j * PANEL);
       for (int64_t k = 0; k < K_; k += K_BLOCK) {
-        at::native::cpublas::brgemm(n, width, std::min(K_BLOCK, K_ - k), K_, PANEL, N_, accumulate || k > 0, a_p + k,
+        at::native::cpublas::brgemm(n, width, std::min(K_BLOCK, K_ - k), a.stride(0), PANEL, N_, accumulate || k > 0, a_p + k,
                                     w_p + (j * K_ + k) * PANEL, c_p + j * PANEL);
       }
     }
@@ -732,7 +741,14 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const 
     if (proj) projection.emplace(w_hr[d], T);
     at::Tensor dh = at::empty({nr, P}, gates.options());
     at::Tensor dc = at::empty({nr, H}, gates.options());
-    at::Tensor dg = at::empty({nr, G}, gates.options());
+    // rows that are the batch rows in order: the step GEMM reads the gate gradients from dgates
+    // itself (row stride D * 4H), else from a copy the loop also stores in task order
+    const bool in_order = [&] {
+      for (int64_t r = 0; r < nr; ++r)
+        if (rows[r] != r) return false;
+      return true;
+    }();
+    at::Tensor dg = in_order ? at::Tensor() : at::empty({nr, G}, gates.options());
     // with a projection, the gradient of o * tanh(c): du = dh @ W_hr [nr, H]
     at::Tensor du = proj ? at::empty({nr, H}, gates.options()) : dh;
     S* dh_p = dh.data_ptr<S>();
@@ -764,10 +780,10 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const 
         }
         // the loop's dout and cs share the row stride c_rs; with a projection it does not read dout
         backward_rows_any(n, rows, H, proj ? nullptr : dout_t, c_rs, gates_p + t * g_ts + d * G, g_rs,
-                          cs_p + t * c_ts + d * H, c_prev, cp_rs, du.data_ptr<S>(), dc_p, dg.data_ptr<S>(),
-                          dgates_p + t * g_ts + d * G, proj);
+                          cs_p + t * c_ts + d * H, c_prev, cp_rs, du.data_ptr<S>(), dc_p,
+                          in_order ? nullptr : dg.data_ptr<S>(), dgates_p + t * g_ts + d * G, proj);
         at::Tensor dh_rows = dh.narrow(0, 0, n);
-        recurrent.run(dg.narrow(0, 0, n), dh_rows);
+        recurrent.run(in_order ? dgates[t].select(1, d).narrow(0, 0, n) : dg.narrow(0, 0, n), dh_rows);
       }
       // rows past their end: no gate gradient (nor dh); the state gradients pass through untouched
       for (int64_t r = n; r < nr; ++r) {
