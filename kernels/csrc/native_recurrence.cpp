@@ -373,7 +373,7 @@ static void run_tasks(int64_t n_tasks, const Fn& fn) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The step GEMM: C[n, N] (+)= A[n, K] @ W for a weight W [K, N] fixed for the whole call (W_hh^T
+// The step GEMM: C[n, N] = A[n, K] @ W for a weight W [K, N] fixed for the whole call (W_hh^T
 // going forward, W_hh going back, W_ih^T for the input projection of a block of steps).
 //
 // Packed (the recurrent weight, fp32, at least PACK_MIN elements, a task of PACK_MIN_ROWS to
@@ -418,14 +418,11 @@ class StepGemm {
     }
   }
 
-  // a: [n, K] with unit column stride, c: [n, N] rows contiguous; accumulate: c += a @ W, else c = a @ W
-  void run(const at::Tensor& a, at::Tensor& c, bool accumulate = false) const {
+  // c = a @ W; a: [n, K] with unit column stride, c: [n, N] rows contiguous
+  void run(const at::Tensor& a, at::Tensor& c) const {
     const int64_t n = a.size(0);
     if (!use_panels_) {
-      if (accumulate)
-        c.addmm_(a, w_);
-      else
-        at::mm_out(c, a, w_);
+      at::mm_out(c, a, w_);
       return;
     }
     const float* a_p = reinterpret_cast<const float*>(a.data_ptr());
@@ -434,8 +431,8 @@ class StepGemm {
     for (int64_t j = 0; j * PANEL < N_; ++j) {
       const int64_t width = std::min(PANEL, N_ - j * PANEL);
       for (int64_t k = 0; k < K_; k += K_BLOCK) {
-        at::native::cpublas::brgemm(n, width, std::min(K_BLOCK, K_ - k), a.stride(0), PANEL, N_, accumulate || k > 0, a_p + k,
-                                    w_p + (j * K_ + k) * PANEL, c_p + j * PANEL);
+        at::native::cpublas::brgemm(n, width, std::min(K_BLOCK, K_ - k), a.stride(0), PANEL, N_, /*add_C=*/k > 0,
+                                    a_p + k, w_p + (j * K_ + k) * PANEL, c_p + j * PANEL);
       }
     }
   }
