@@ -306,6 +306,14 @@ static void add_dout(int64_t n, const int64_t* rows, int64_t P, const S* __restr
 struct Task {
   int64_t d;                  // direction: 0 runs t = 0..T-1, 1 runs t = T-1..0
   std::vector<int64_t> rows;  // batch rows, longest sequence first
+
+  // Row r is batch row r: the task's rows of a [T, B, ...] tensor at one step are then a strided
+  // matrix as they lie, read without a gather.
+  bool in_batch_order() const {
+    for (size_t r = 0; r < rows.size(); ++r)
+      if (rows[r] != static_cast<int64_t>(r)) return false;
+    return true;
+  }
 };
 
 // Rows per batch slice below which splitting a direction further does not pay (each slice's
@@ -482,7 +490,7 @@ class ProjectionBlocks {
         gemm_(p.w_ih[task.d].t(), (T + steps_ - 1) / steps_), x_(p.x),
         block_(at::empty({steps_ * nr_, G_}, p.x.options())), order_(nr_) {
     std::iota(order_.begin(), order_.end(), int64_t{0});
-    contiguous_rows_ = nr_ == B_ && std::equal(order_.begin(), order_.end(), task.rows.begin());
+    contiguous_rows_ = nr_ == B_ && task.in_batch_order();
   }
 
   // Row r's projections at step s (time t) are at base + index()[r] * G.
@@ -738,13 +746,9 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const 
     if (proj) projection.emplace(w_hr[d], T);
     at::Tensor dh = at::empty({nr, P}, gates.options());
     at::Tensor dc = at::empty({nr, H}, gates.options());
-    // rows that are the batch rows in order: the step GEMM reads the gate gradients from dgates
-    // itself (row stride D * 4H), else from a copy the loop also stores in task order
-    const bool in_order = [&] {
-      for (int64_t r = 0; r < nr; ++r)
-        if (rows[r] != r) return false;
-      return true;
-    }();
+    // rows in batch order: the step GEMM reads the gate gradients from dgates itself (row stride
+    // D * 4H), else from a copy the loop also stores in task order
+    const bool in_order = task.in_batch_order();
     at::Tensor dg = in_order ? at::Tensor() : at::empty({nr, G}, gates.options());
     // with a projection, the gradient of o * tanh(c): du = dh @ W_hr [nr, H]
     at::Tensor du = proj ? at::empty({nr, H}, gates.options()) : dh;
