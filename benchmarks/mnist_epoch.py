@@ -60,10 +60,9 @@ def run_mnist(args, device, impls, log):
     class Run:
         """One implementation's model, optimizer and batch stream, timed a chunk of steps at a time."""
 
-        def __init__(self, model):
-            self.model, self.seconds = model, 0.0
+        def __init__(self, model, batch_stream):
+            self.model, self.batches, self.seconds = model, batch_stream, 0.0
             self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-            self.batches = endless(batches.epoch)
 
         def steps(self, n, timed=True):
             sync()
@@ -75,11 +74,10 @@ def run_mnist(args, device, impls, log):
             if timed:
                 self.seconds += time.perf_counter() - start
 
-    def timed_together(models):
-        """Seconds per epoch of each model. The implementations take turns, CHUNK steps each, so a
-        burst of load from other processes, or a slow drift of the machine's speed, lands on all
-        of them alike (timed one after another, whole runs minutes apart moved the ratio by 10%)."""
-        runs = [Run(model) for model in models]
+    def timed_together(runs):
+        """Seconds per epoch of each Run. They take turns, CHUNK steps each, so a burst of load
+        from other processes, or a slow drift of the machine's speed, lands on all of them alike
+        (timed one after another, whole runs minutes apart moved the ratio by 10%)."""
         for run in runs:
             run.steps(warmup, timed=False)
         done = 0
@@ -90,18 +88,18 @@ def run_mnist(args, device, impls, log):
             done += chunk
         return [run.seconds * steps_per_epoch / steps for run in runs]
 
-    models = []
+    runs = []
     for impl in impls:
         model = build_model("torch", 0, device)
         if impl.name != "nn.LSTM":
             model.lstm = impl.build(model.lstm)
-        models.append(model)
+        runs.append(Run(model, endless(batches.epoch)))
     rows = []
-    for impl, seconds in zip(impls, timed_together(models)):
+    for impl, seconds in zip(impls, timed_together(runs)):
         rows.append({"impl": impl.name, "loader": "device-resident", "seconds_per_epoch": seconds,
                      "steps_timed": steps})
         log(f"  {impl.name:16s} device-resident loader: {seconds:8.1f} s/epoch")
-    del models
+    del runs
     # alone, after the others: its worker processes would take cores from whatever ran beside them
     with tempfile.TemporaryDirectory() as root:
         dataset = torchvision_mnist(train_x, train_y, root)
@@ -112,11 +110,7 @@ def run_mnist(args, device, impls, log):
             for images, labels in loader:
                 yield images.squeeze(1).to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
-        run = Run(build_model("torch", 0, device))
-        run.batches = endless(loader_epoch)
-        run.steps(warmup, timed=False)
-        run.steps(steps)
-        seconds = run.seconds * steps_per_epoch / steps
+        (seconds,) = timed_together([Run(build_model("torch", 0, device), endless(loader_epoch))])
         rows.append({"impl": "nn.LSTM", "loader": f"torchvision DataLoader ({args.mnist_workers} workers)",
                      "seconds_per_epoch": seconds, "steps_timed": steps})
         log(f"  {'nn.LSTM':16s} torchvision DataLoader: {seconds:8.1f} s/epoch")
