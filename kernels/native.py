@@ -3,8 +3,9 @@ ahead of time by setup.py. The recurrence contract of kernels/contract.py, for f
 
 Each direction of a layer (and, with more threads than directions, each slice of batch rows) is
 one task; all tasks run at once in one fork/join per call and sweep their steps without waiting
-for each other. A step is one GEMM (ATen's mm: MKL where torch has it) and one fused SIMD loop for
-the gate math, the cell and hidden update and every store. See the C++ file for the details.
+for each other. A step is one GEMM (ATen's cpublas brgemm on the recurrent weight packed once per
+call where that measured faster, else ATen's mm: MKL where torch has it) and one fused SIMD loop
+for the gate math, the cell and hidden update and every store. See the C++ file for the details.
 
 It implements the contract's optional projection extra (SUPPORTS_PROJECTION, `w_hr=`): with a
 projection a step is one more GEMM each way, h = (o * tanh(c)) @ W_hr^T forward and its
