@@ -7,7 +7,7 @@ from .implementations import call, valid_tokens
 from .memory import peak_memory
 from .precision import Fp32Math
 from .shapes import lstm_flops, make_inputs
-from .timing import measure_together
+from .timing import measure_together, paired_speedup
 
 
 def run_case(shape, precision, impls, device, args, rates, log):
@@ -96,18 +96,25 @@ def time_rows(models, mode, shape, precision, packed, device, args, rates):
             floor_ms=1e3 * flops / rates[precision.label()], peak_mb=peak / 2**20,
         )
         row["floor_share"] = row["floor_ms"] / row["median_ms"]
+        if "rounds_s" in stats:  # CPU: each round-robin round's sample, for fill_ratios' paired ratio
+            row["rounds_ms"] = {k: 1e3 * s for k, s in stats["rounds_s"].items()}
         fields.append(row)
     return fields
 
 
 def fill_ratios(rows):
-    """Speedup against nn.LSTM in the same case and variant; packed/padded per implementation."""
-    timed = {(r["impl"], r["mode"], r["variant"]): r.get("median_ms") for r in rows}
+    """Speedup against nn.LSTM in the same case and variant (of the medians, and on the CPU the
+    median of the paired per-round ratios too); packed/padded per implementation."""
+    by_key = {(r["impl"], r["mode"], r["variant"]): r for r in rows}
+    timed = {key: r.get("median_ms") for key, r in by_key.items()}
     for r in rows:
         if r.get("median_ms") is None:
             continue
-        torch_ms = timed.get(("nn.LSTM", r["mode"], r["variant"]))
+        torch_row = by_key.get(("nn.LSTM", r["mode"], r["variant"]), {})
+        torch_ms = torch_row.get("median_ms")
         r["speedup_vs_nn_lstm"] = torch_ms / r["median_ms"] if torch_ms else None
+        if "rounds_ms" in r and "rounds_ms" in torch_row:
+            r["paired_speedup_vs_nn_lstm"] = paired_speedup(torch_row["rounds_ms"], r["rounds_ms"])
         if r["variant"] == "packed":
             padded_ms = timed.get((r["impl"], r["mode"], "padded"))
             r["packed_over_padded"] = r["median_ms"] / padded_ms if padded_ms else None

@@ -12,6 +12,7 @@ COLUMNS = [
     ("per_step_us", "µs/step", "{:.0f}"),
     ("tokens_per_s", "tokens/s", "{:.3g}"),
     ("speedup_vs_nn_lstm", "vs nn.LSTM", "{:.2f}x"),
+    ("paired_speedup_vs_nn_lstm", "paired", "{:.2f}x"),
     ("peak_mb", "peak MB", "{:.1f}"),
     ("floor_share", "of floor", "{:.0%}"),
     ("packed_over_padded", "packed/padded", "{:.2f}"),
@@ -56,13 +57,13 @@ def write_outputs(result, out_dir, stem, log):
     rows = result["rows"]
     keys = []
     for row in rows:
-        keys += [k for k in row if k not in keys]
+        keys += [k for k in row if k not in keys and k != "rounds_ms"]  # the raw samples: JSON only
     with paths["csv"].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["device_name"] + keys)
         writer.writeheader()
         name = result["machine"].get("gpu") or result["machine"]["cpu"]
         for row in rows:
-            writer.writerow({"device_name": name, **row})
+            writer.writerow({"device_name": name, **{k: v for k, v in row.items() if k in keys}})
     if not plot_speedups(rows, result["machine"], paths["png"], log):
         del paths["png"]
     return paths

@@ -65,7 +65,7 @@ from benchmarks.mnist_epoch import run_mnist  # noqa: E402
 from benchmarks.precision import DTYPES, Fp32Math, precisions  # noqa: E402
 from benchmarks.report import format_table, write_outputs  # noqa: E402
 from benchmarks.shapes import DEFAULT_SHAPES, MODES, SHAPES, Shape, lstm_flops, select_shapes  # noqa: E402, F401
-from benchmarks.timing import matmul_rate, quantiles  # noqa: E402, F401
+from benchmarks.timing import matmul_rate, paired_speedup, quantiles  # noqa: E402, F401
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -1,4 +1,5 @@
 """Seconds per call: round-robin torch.utils.benchmark samples on the CPU, do_bench on a GPU."""
+import itertools
 import statistics
 import time
 
@@ -13,6 +14,15 @@ def quantiles(samples):
             "samples": len(samples)}
 
 
+def paired_speedup(reference, other):
+    """Median over rounds of reference time / other time, from two {round: seconds} maps of
+    round-robin samples: each ratio sets two samples taken back to back against each other, so a
+    slow phase of a shared machine lands on both sides of it instead of on whichever
+    implementation it happened to hit. None without a round in common."""
+    common = sorted(set(reference) & set(other))
+    return statistics.median(reference[k] / other[k] for k in common) if common else None
+
+
 class Sampler:
     """Times one callable on the CPU: a warm-up call, then samples of one or more calls lasting
     >= 20 ms each (torch.utils.benchmark, at the current thread count)."""
@@ -25,16 +35,19 @@ class Sampler:
         first = self.timer.timeit(1).times[0]
         self.number = max(1, int(0.02 / max(first, 1e-9)))
         self.samples = [first] if self.number == 1 else []
+        self.rounds = {}  # round-robin round -> its sample (the first, untagged, is in no round)
         self.needed = 3 if first > 1.0 else 5  # a call of seconds: three samples, not a minute per row
 
-    def sample(self):
+    def sample(self, round_):
         self.samples.append(self.timer.timeit(self.number).times[0])
+        self.rounds[round_] = self.samples[-1]
 
 
 def measure_together(fns, device, min_time):
     """Per-call stats of each callable (an exception it raised instead). On the CPU samples are
     taken round-robin, so a burst of load from other processes lands on every implementation of
-    a row alike and their ratios stay meaningful; each gets >= min_time on average."""
+    a row alike and their ratios stay meaningful; each gets >= min_time on average, and its stats
+    keep each round's sample ("rounds_s", for paired_speedup)."""
     if device.type == "cuda":
         results = []
         for fn in fns:
@@ -51,19 +64,19 @@ def measure_together(fns, device, min_time):
         except Exception as error:  # noqa: BLE001
             results[k] = error
     start = time.perf_counter()
-    while True:
+    for round_ in itertools.count():
         time_left = time.perf_counter() - start < min_time * len(samplers)
         todo = [k for k, sampler in samplers.items() if len(sampler.samples) < sampler.needed or time_left]
         if not todo:
             break
         for k in todo:
             try:
-                samplers[k].sample()
+                samplers[k].sample(round_)
             except Exception as error:  # noqa: BLE001
                 results[k] = error
                 del samplers[k]
     for k, sampler in samplers.items():
-        results[k] = quantiles(sampler.samples)
+        results[k] = {**quantiles(sampler.samples), "rounds_s": sampler.rounds}
     return results
 
 

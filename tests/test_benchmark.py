@@ -6,6 +6,7 @@ could have, sized to sit just above the fp32 tolerance (1e-4) or to hide in one 
 """
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 
@@ -30,7 +31,8 @@ def test_quick_cli_writes_checked_rows(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "median ms" in proc.stdout and "WRONG" not in proc.stdout
     (json_path,) = tmp_path.glob("*_quick.json")
-    assert json_path.with_suffix(".csv").exists()
+    csv_header = json_path.with_suffix(".csv").read_text().splitlines()[0].split(",")
+    assert "paired_speedup_vs_nn_lstm" in csv_header and "rounds_ms" not in csv_header  # raw samples: JSON only
     if importlib.util.find_spec("matplotlib") is not None:
         assert json_path.with_suffix(".png").exists()
     result = json.loads(json_path.read_text())
@@ -47,6 +49,8 @@ def test_quick_cli_writes_checked_rows(tmp_path):
     for r in rows:
         if r["impl"] == "nn.LSTM":
             assert r["speedup_vs_nn_lstm"] == pytest.approx(1.0)
+            assert r["paired_speedup_vs_nn_lstm"] == 1.0  # its own samples, round by round
+        assert r["paired_speedup_vs_nn_lstm"] > 0 and len(r["rounds_ms"]) >= 4, r
         if r["variant"] == "packed":
             assert r["packed_over_padded"] > 0
             assert r["tokens"] < r["B"] * r["T"]  # the packed batch has padding to skip
@@ -143,6 +147,17 @@ def test_quantiles_of_samples():
     stats = run.quantiles([5.0, 1.0, 2.0, 4.0, 3.0])
     assert stats["median_s"] == 3.0 and stats["samples"] == 5 and stats["min_s"] == 1.0
     assert 1.0 < stats["q20_s"] < 3.0 < stats["q80_s"] < 5.0
+
+
+def test_paired_speedup_sets_each_round_against_the_same_round():
+    # nn.LSTM sampled in a slow phase (rounds 0-2), the other implementation then and in a fast
+    # phase after (rounds 3-6): 2x faster round for round, while the medians' ratio says 6x
+    reference = {0: 3.0, 1: 3.0, 2: 3.0}
+    other = {0: 1.5, 1: 1.5, 2: 1.5, 3: 0.5, 4: 0.5, 5: 0.5, 6: 0.5}
+    assert run.paired_speedup(reference, other) == 2.0
+    assert statistics.median(reference.values()) / statistics.median(other.values()) == 6.0
+    assert run.paired_speedup({0: 2.0, 1: 4.0, 2: 9.0}, {1: 1.0, 2: 3.0}) == 3.5  # common rounds only
+    assert run.paired_speedup({0: 1.0}, {1: 1.0}) is None
 
 
 def test_implementation_that_raises_is_reported_and_the_run_goes_on(tmp_path, capsys):
