@@ -34,6 +34,18 @@ def git_commit():
         return None
 
 
+def allocator():
+    """The C allocator the run's tensors come from, as far as the environment says: CPU times
+    depend on it. With glibc's defaults, freed large blocks go back to the kernel and fault in
+    again on reuse, which costs nn.LSTM's (oneDNN's) training step far more than the native
+    backend's (benchmarks/NOTES.md attempt 34)."""
+    preload = [Path(p).name for p in os.environ.get("LD_PRELOAD", "").split() if "alloc" in Path(p).name]
+    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t.startswith("glibc.malloc.")]
+    if preload:
+        return "LD_PRELOAD " + " ".join(preload)
+    return "glibc malloc" + (f" ({', '.join(tunables)})" if tunables else ", defaults")
+
+
 def machine_info(device):
     info = {
         "device": device.type,
@@ -48,6 +60,7 @@ def machine_info(device):
         "git_commit": git_commit(),
         "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "native": native.simd_level() if native.available() else f"not available: {native.UNAVAILABLE_REASON}",
+        "allocator": allocator(),
     }
     if triton_available():
         import triton
@@ -67,7 +80,7 @@ def machine_line(info):
     busy = f"; LOADED: {info['busy_process']}" if info.get("busy_process") else ""
     return (f"{where}; CPU {info['cpu']} ({info['cpu_cores']} cores, torch threads {info['torch_threads']}); "
             f"torch {info['torch']}, triton {info['triton']}; nn.LSTM engine: {info['nn_lstm_engine']}; "
-            f"native backend: {info.get('native')}{busy}{load_text}")
+            f"native backend: {info.get('native')}; allocator: {info.get('allocator')}{busy}{load_text}")
 
 
 def device_slug(info):

@@ -149,6 +149,20 @@ def test_quantiles_of_samples():
     assert 1.0 < stats["q20_s"] < 3.0 < stats["q80_s"] < 5.0
 
 
+def test_machine_line_names_the_allocator(monkeypatch):
+    """CPU times depend on the C allocator (NOTES.md attempt 34): the machine line says which."""
+    from benchmarks import machine
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert machine.allocator() == "glibc malloc, defaults"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.rtld.x=1:glibc.malloc.trim_threshold=9")
+    assert machine.allocator() == "glibc malloc (glibc.malloc.trim_threshold=9)"
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    assert machine.allocator() == "LD_PRELOAD libjemalloc.so.2"
+    assert "allocator: LD_PRELOAD libjemalloc.so.2" in machine.machine_line(machine.machine_info(torch.device("cpu")))
+
+
 def test_paired_speedup_sets_each_round_against_the_same_round():
     # nn.LSTM sampled in a slow phase (rounds 0-2), the other implementation then and in a fast
     # phase after (rounds 3-6): 2x faster round for round, while the medians' ratio says 6x
