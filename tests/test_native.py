@@ -114,12 +114,16 @@ def test_packed_step_gemm_as_accurate_as_torch_fp32(case):
     torch_fp32 = vectorized.recurrence_forward(*inputs, lens)
     got = native.recurrence_forward(*inputs, lens)
     valid = valid_mask(lens, T, B).view(T, B, 1, 1)
-    for name, n, t, r in zip(("out", "h_n", "c_n", "gates", "cs"), got, torch_fp32, ref):
-        if name == "gates":  # unspecified past a sequence's end
-            n, t, r = n * valid, t * valid, r * valid
-        native_error = (n.double() - r).abs().max().item()
-        torch_error = (t.double() - r).abs().max().item()
-        assert native_error <= 2 * torch_error + 1e-7, (name, native_error, torch_error)
+
+    def assert_within_twice_torchs_error(names, natives, torchs, refs):
+        for name, n, t, r in zip(names, natives, torchs, refs):
+            if name == "gates":  # unspecified past a sequence's end
+                n, t, r = n * valid, t * valid, r * valid
+            native_error = (n.double() - r).abs().max().item()
+            torch_error = (t.double() - r).abs().max().item()
+            assert native_error <= 2 * torch_error + 1e-7, (name, native_error, torch_error)
+
+    assert_within_twice_torchs_error(("out", "h_n", "c_n", "gates", "cs"), got, torch_fp32, ref)
     # the backward from float64's saved gates and cell states, rounded to fp32 for both
     _, _, _, gates, cs = ref
     g = torch.Generator().manual_seed(5)
@@ -129,10 +133,7 @@ def test_packed_step_gemm_as_accurate_as_torch_fp32(case):
     ref_b = vectorized.recurrence_backward(*(t.double() for t in fp32_args), lens)
     torch_b = vectorized.recurrence_backward(*fp32_args, lens)
     got_b = native.recurrence_backward(*fp32_args, lens)
-    for name, n, t, r in zip(("dgates", "dh0", "dc0"), got_b, torch_b, ref_b):
-        native_error = (n.double() - r).abs().max().item()
-        torch_error = (t.double() - r).abs().max().item()
-        assert native_error <= 2 * torch_error + 1e-7, (name, native_error, torch_error)
+    assert_within_twice_torchs_error(("dgates", "dh0", "dc0"), got_b, torch_b, ref_b)
 
 
 @needs_native
