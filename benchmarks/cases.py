@@ -106,7 +106,6 @@ def fill_ratios(rows):
     """Speedup against nn.LSTM in the same case and variant (of the medians, and on the CPU the
     median of the paired per-round ratios too); packed/padded per implementation."""
     by_key = {(r["impl"], r["mode"], r["variant"]): r for r in rows}
-    timed = {key: r.get("median_ms") for key, r in by_key.items()}
     for r in rows:
         if r.get("median_ms") is None:
             continue
@@ -116,5 +115,5 @@ def fill_ratios(rows):
         if "rounds_ms" in r and "rounds_ms" in torch_row:
             r["paired_speedup_vs_nn_lstm"] = paired_speedup(torch_row["rounds_ms"], r["rounds_ms"])
         if r["variant"] == "packed":
-            padded_ms = timed.get((r["impl"], r["mode"], "padded"))
+            padded_ms = by_key.get((r["impl"], r["mode"], "padded"), {}).get("median_ms")
             r["packed_over_padded"] = r["median_ms"] / padded_ms if padded_ms else None
