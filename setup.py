@@ -1,3 +1,4 @@
+import glob
 import os
 import re
 import sys
@@ -73,7 +74,7 @@ def native_extension():
     flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     ext = CppExtension(
         "bilstm_fast.kernels._native",
-        ["kernels/csrc/native_recurrence.cpp"],
+        sorted(glob.glob("kernels/csrc/*.cpp")),  # one file per seam: see kernels/csrc/native.h
         extra_compile_args=flags,
         extra_link_args=["-fopenmp"],
     )

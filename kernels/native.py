@@ -1,5 +1,5 @@
-"""Native CPU recurrence: the C++ extension `_native` (kernels/csrc/native_recurrence.cpp), built
-ahead of time by setup.py. The recurrence contract of kernels/contract.py, for fp32 and fp64 CPU tensors.
+"""Native CPU recurrence: the C++ extension `_native` (kernels/csrc/, one file per seam, listed in
+native.h), built ahead of time by setup.py. The recurrence contract of kernels/contract.py, for fp32 and fp64 CPU tensors.
 
 Each direction of a layer (and, with more threads than directions, each slice of batch rows) is
 one task; all tasks run at once in one fork/join per call and sweep their steps without waiting

@@ -1,4 +1,4 @@
-"""The native CPU backend (kernels/native.py, kernels/csrc/native_recurrence.cpp): what the
+"""The native CPU backend (kernels/native.py, kernels/csrc/): what the
 shared suites do not cover. Parity with nn.LSTM, float64 gradcheck, the robustness and property
 tests and the contract test run it through the `backend` fixture (available_backends lists it
 where it is built). Here: the recurrence against the float64 vectorized one, the carried cell

@@ -1,0 +1,234 @@
+// The backward sweep of one layer, all directions (recurrence_backward), and the GEMMs after it
+// (layer_gradients).
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+
+#include <array>
+#include <cstring>
+
+#include "native.h"
+#include "step_gemm.h"
+#include "step_loops.h"
+#include "tasks.h"
+
+namespace bilstm_native {
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+//
+// Projection: the carried dh is P wide. A step adds dout to it (and saves that, the returned dh),
+// takes it back through the projection (one GEMM, dh @ W_hr, into a [rows, H] buffer) and runs the
+// fused loop on the result; dh = dgates @ W_hh then gives the previous step's P-wide dh as before.
+
+template <typename S>
+static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const at::Tensor& dc_n,
+                          const at::Tensor& w_hh, const at::Tensor& w_hr, const at::Tensor& gates,
+                          const at::Tensor& cs, const at::Tensor& c0, const std::vector<int64_t>& len,
+                          at::Tensor& dgates, at::Tensor& dh0, at::Tensor& dc0, at::Tensor& dhs) {
+  const int64_t T = gates.size(0), B = gates.size(1), D = gates.size(2), G = gates.size(3), H = G / 4;
+  const bool proj = w_hr.defined();
+  const int64_t P = dh_n.size(2);
+  const int64_t g_rs = D * G, c_rs = D * H, h_rs = D * P;  // row strides: gates, cs, dout (and dhs)
+  const int64_t g_ts = B * g_rs, c_ts = B * c_rs, h_ts = B * h_rs;
+  const S* dout_p = dout.data_ptr<S>();
+  const S* gates_p = gates.data_ptr<S>();
+  const S* cs_p = cs.data_ptr<S>();
+  const S* c0_p = c0.data_ptr<S>();
+  const S* dhn_p = dh_n.data_ptr<S>();
+  const S* dcn_p = dc_n.data_ptr<S>();
+  S* dgates_p = dgates.data_ptr<S>();
+  S* dh0_p = dh0.data_ptr<S>();
+  S* dc0_p = dc0.data_ptr<S>();
+  S* dhs_p = proj ? dhs.data_ptr<S>() : nullptr;
+  std::vector<Task> tasks = make_tasks(len, D);
+  run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t k) {
+    const Task& task = tasks[k];
+    const int64_t d = task.d, nr = static_cast<int64_t>(task.rows.size());
+    const int64_t* rows = task.rows.data();
+    const StepGemm<S> recurrent(w_hh[d], T, nr);  // dh_prev = dgates @ W_hh [4H, P]
+    c10::optional<StepGemm<S>> projection;    // du = dh @ W_hr [P, H]
+    if (proj) projection.emplace(w_hr[d], T);
+    at::Tensor dh = at::empty({nr, P}, gates.options());
+    at::Tensor dc = at::empty({nr, H}, gates.options());
+    // rows in batch order: the step GEMM reads the gate gradients from dgates itself (row stride
+    // D * 4H), else from a copy the loop also stores in task order
+    const bool in_order = task.in_batch_order();
+    at::Tensor dg = in_order ? at::Tensor() : at::empty({nr, G}, gates.options());
+    // with a projection, the gradient of o * tanh(c): du = dh @ W_hr [nr, H]
+    at::Tensor du = proj ? at::empty({nr, H}, gates.options()) : dh;
+    S* dh_p = dh.data_ptr<S>();
+    S* dc_p = dc.data_ptr<S>();
+    for (int64_t r = 0; r < nr; ++r) {
+      std::memcpy(dh_p + r * P, dhn_p + (d * B + rows[r]) * P, P * sizeof(S));
+      std::memcpy(dc_p + r * H, dcn_p + (d * B + rows[r]) * H, H * sizeof(S));
+    }
+    int64_t n = 0;
+    for (int64_t s = T - 1; s >= 0; --s) {  // the forward's steps, last first
+      const int64_t t = d == 0 ? s : T - 1 - s;
+      n = active_rows(task, len, t, n);
+      if (n > 0) {
+        const S* c_prev;
+        int64_t cp_rs;
+        if (s == 0) {
+          c_prev = c0_p + d * B * H;
+          cp_rs = H;
+        } else {  // the neighbouring saved state: for a sequence starting at len-1 going back, c0
+          const int64_t tp = d == 0 ? t - 1 : t + 1;
+          c_prev = cs_p + tp * c_ts + d * H;
+          cp_rs = c_rs;
+        }
+        const S* dout_t = dout_p + t * h_ts + d * P;
+        if (proj) {
+          add_dout(n, rows, P, dout_t, h_rs, dh_p, dhs_p + t * h_ts + d * P);
+          at::Tensor du_rows = du.narrow(0, 0, n);
+          projection->run(dh.narrow(0, 0, n), du_rows);
+        }
+        // the loop's dout and cs share the row stride c_rs; with a projection it does not read dout
+        backward_rows_any(n, rows, H, proj ? nullptr : dout_t, c_rs, gates_p + t * g_ts + d * G, g_rs,
+                          cs_p + t * c_ts + d * H, c_prev, cp_rs, du.data_ptr<S>(), dc_p,
+                          in_order ? nullptr : dg.data_ptr<S>(), dgates_p + t * g_ts + d * G, proj);
+        at::Tensor dh_rows = dh.narrow(0, 0, n);
+        recurrent.run(in_order ? dgates[t].select(1, d).narrow(0, 0, n) : dg.narrow(0, 0, n), dh_rows);
+      }
+      // rows past their end: no gate gradient (nor dh); the state gradients pass through untouched
+      for (int64_t r = n; r < nr; ++r) {
+        std::memset(dgates_p + t * g_ts + rows[r] * g_rs + d * G, 0, G * sizeof(S));
+        if (proj) std::memset(dhs_p + t * h_ts + rows[r] * h_rs + d * P, 0, P * sizeof(S));
+      }
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      std::memcpy(dh0_p + (d * B + rows[r]) * P, dh_p + r * P, P * sizeof(S));
+      std::memcpy(dc0_p + (d * B + rows[r]) * H, dc_p + r * H, H * sizeof(S));
+    }
+  });
+}
+
+// -> dgates, dh0, dc0, and with a projection dh [T, B, D, P].
+std::vector<at::Tensor> recurrence_backward(const at::Tensor& dout_in, const at::Tensor& dh_n_in,
+                                            const at::Tensor& dc_n_in, const at::Tensor& w_hh_in,
+                                            const at::Tensor& gates_in, const at::Tensor& cs_in,
+                                            const at::Tensor& c0_in, const c10::optional<at::Tensor>& lengths,
+                                            const c10::optional<at::Tensor>& w_hr_in) {
+  check_inputs(gates_in, w_hh_in, w_hr_in);
+  const auto opts = gates_in.options();
+  const auto dt = opts.dtype();
+  at::Tensor gates = gates_in.contiguous();
+  at::Tensor cs = cs_in.to(dt).contiguous();
+  at::Tensor dout = dout_in.to(dt).contiguous();
+  at::Tensor dh_n = dh_n_in.to(dt).contiguous();
+  at::Tensor dc_n = dc_n_in.to(dt).contiguous();
+  at::Tensor w_hh = w_hh_in.to(dt).contiguous();
+  at::Tensor w_hr = projection_weight(w_hr_in, gates.scalar_type());
+  at::Tensor c0 = c0_in.to(dt).contiguous();
+  const int64_t T = gates.size(0), B = gates.size(1), D = gates.size(2), G = gates.size(3), H = G / 4;
+  const int64_t P = w_hh.size(2);
+  TORCH_CHECK(dout.sizes() == at::IntArrayRef({T, B, D, P}) && dh_n.sizes() == at::IntArrayRef({D, B, P}) &&
+                  dc_n.sizes() == at::IntArrayRef({D, B, H}),
+              "native recurrence: dout must be [T, B, D, P], dh_n [D, B, P] and dc_n [D, B, H]");
+  at::Tensor dgates = at::empty({T, B, D, G}, opts);
+  at::Tensor dh0 = at::empty({D, B, P}, opts);
+  at::Tensor dc0 = at::empty({D, B, H}, opts);
+  at::Tensor dhs = w_hr.defined() ? at::empty({T, B, D, P}, opts) : at::Tensor();
+  if (T > 0 && B > 0 && H > 0) {
+    const std::vector<int64_t> len = lengths_vector(lengths, B, T);
+    if (gates.scalar_type() == at::kFloat)
+      backward_impl<float>(dout, dh_n, dc_n, w_hh, w_hr, gates, cs, c0, len, dgates, dh0, dc0, dhs);
+    else
+      backward_impl<double>(dout, dh_n, dc_n, w_hh, w_hr, gates, cs, c0, len, dgates, dh0, dc0, dhs);
+  } else {
+    dgates.zero_();
+    dh0.copy_(dh_n);
+    dc0.copy_(dc_n);
+    if (dhs.defined()) dhs.zero_();
+  }
+  if (dhs.defined()) return {dgates, dh0, dc0, dhs};
+  return {dgates, dh0, dc0};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The backward's GEMMs after the recurrence
+
+// Rows per partial GEMM of a weight gradient, as bilstm_fast/function.py's sum_over_rows: a
+// reduction over T*B rows as one GEMM per block and a sum of the blocks, so the accuracy does not
+// depend on how the BLAS library orders one long reduction.
+constexpr int64_t ROW_BLOCK = 512;
+
+static at::Tensor sum_over_rows(const at::Tensor& a, const at::Tensor& b) {  // a.t() @ b, a [n, M], b [n, N]
+  const int64_t n = a.size(0);
+  at::Tensor out = at::mm(a.narrow(0, 0, std::min(n, ROW_BLOCK)).t(), b.narrow(0, 0, std::min(n, ROW_BLOCK)));
+  for (int64_t start = ROW_BLOCK; start < n; start += ROW_BLOCK) {
+    const int64_t rows = std::min(ROW_BLOCK, n - start);
+    out.add_(at::mm(a.narrow(0, start, rows).t(), b.narrow(0, start, rows)));
+  }
+  return out;
+}
+
+// dx = dgates @ W_ih (both directions: K = D*4H) and, per direction d, dW_ih[d] = dgates_d^T x,
+// dW_hh[d] = dgates_d^T h_prev_d and db[d] = the column sums of dgates_d, each a fresh tensor,
+// undefined where its need flag is false. The GEMMs run as single-threaded tasks in one
+// fork/join instead of one 2-thread team per GEMM (whose split of a GEMM costs efficiency, and
+// which waits on a busy core at every GEMM). Task (d, s) takes slice s of direction d's rows for
+// its weight gradients (slices = threads / directions, at least one; whole ROW_BLOCKs, so the
+// partial sums are sums of the same blocks) and one slice of dx's rows, so with one direction
+// and two threads each thread gets half of each GEMM: dgates [T, B, D, 4H], x [T, B, I], h_prev
+// [T, B, D, H] (undefined when no W_hh gradient is needed), w_ih [D, 4H, I]. Returns
+// [dx, then dW_ih, dW_hh, db per direction].
+std::vector<at::Tensor> layer_gradients(const at::Tensor& dgates_in, const at::Tensor& x_in,
+                                        const c10::optional<at::Tensor>& h_prev_in, const at::Tensor& w_ih_in,
+                                        bool need_dx, const std::vector<bool>& need_w_ih,
+                                        const std::vector<bool>& need_w_hh, const std::vector<bool>& need_bias) {
+  TORCH_CHECK(dgates_in.dim() == 4 && x_in.dim() == 3 && w_ih_in.dim() == 3, "native layer_gradients: bad ranks");
+  const int64_t T = dgates_in.size(0), B = dgates_in.size(1), D = dgates_in.size(2), G = dgates_in.size(3);
+  const int64_t I = x_in.size(2), n = T * B;
+  TORCH_CHECK(static_cast<int64_t>(need_w_ih.size()) == D && static_cast<int64_t>(need_w_hh.size()) == D &&
+                  static_cast<int64_t>(need_bias.size()) == D,
+              "native layer_gradients: one need flag per direction");
+  const auto dt = dgates_in.scalar_type();
+  at::Tensor dgates = dgates_in.contiguous();
+  at::Tensor x = x_in.to(dt).contiguous().view({n, I});
+  at::Tensor h_prev = h_prev_in.has_value() && h_prev_in->defined() ? h_prev_in->to(dt).contiguous() : at::Tensor();
+  at::Tensor w_ih = w_ih_in.to(dt).contiguous();
+  const int64_t blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK;
+  const int64_t slices = std::max<int64_t>(1, std::min(at::get_num_threads() / D, blocks));
+  const auto slice_rows = [&](int64_t s) {  // [first, end) of slice s: whole blocks
+    return std::make_pair(std::min(n, blocks * s / slices * ROW_BLOCK), std::min(n, blocks * (s + 1) / slices * ROW_BLOCK));
+  };
+  // partial[k] for task k = d * slices + s: that slice's dW_ih, dW_hh, db of direction d
+  std::vector<std::array<at::Tensor, 3>> partial(D * slices);
+  at::Tensor dx;
+  if (need_dx) dx = at::empty({T, B, I}, dgates.options());
+  at::parallel_for(0, D * slices, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t d = k / slices;
+      if (need_dx) {  // the k-th of D * slices slices of dx's rows
+        const int64_t first = n * k / (D * slices), rows = n * (k + 1) / (D * slices) - first;
+        at::Tensor dx_rows = dx.view({n, I}).narrow(0, first, rows);
+        at::mm_out(dx_rows, dgates.view({n, D * G}).narrow(0, first, rows), w_ih.view({D * G, I}));
+      }
+      const auto [first, last] = slice_rows(k % slices);
+      // a strided view: row stride D*4H
+      at::Tensor dg = dgates.select(2, d).reshape({n, G}).narrow(0, first, last - first);
+      if (need_w_ih[d]) partial[k][0] = sum_over_rows(dg, x.narrow(0, first, last - first));
+      if (need_w_hh[d]) {
+        TORCH_CHECK(h_prev.defined(), "native layer_gradients: h_prev is needed for W_hh's gradient");
+        partial[k][1] = sum_over_rows(dg, h_prev.select(2, d).reshape({n, h_prev.size(3)}).narrow(0, first, last - first));
+      }
+      if (need_bias[d]) partial[k][2] = at::sum(dg, {0});
+    }
+  });
+  std::vector<at::Tensor> result(1 + 3 * D);
+  result[0] = dx;
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t j = 0; j < 3; ++j) {
+      at::Tensor total = partial[d * slices][j];
+      for (int64_t s = 1; s < slices && total.defined(); ++s) total.add_(partial[d * slices + s][j]);
+      result[1 + 3 * d + j] = total;
+    }
+  }
+  return result;
+}
+
+
+}  // namespace bilstm_native

@@ -1,0 +1,85 @@
+// The step GEMM of the recurrence: C = A @ W for a weight fixed for the whole call.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/native/CPUBlas.h>  // cpublas::brgemm
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace bilstm_native {
+
+// The step GEMM: C[n, N] = A[n, K] @ W for a weight W [K, N] fixed for the whole call (W_hh^T
+// going forward, W_hh going back, W_ih^T for the input projection of a block of steps).
+//
+// Packed (the recurrent weight, fp32, at least PACK_MIN elements, a task of PACK_MIN_ROWS to
+// PACK_MAX_ROWS rows): W is packed once per call into column panels of PANEL columns, each
+// [K, PANEL] contiguous, and every step runs ATen's cpublas::brgemm (oneDNN's JIT micro-kernel where
+// torch has it, ATen's gemm otherwise) panel by panel, over K in blocks of at most K_BLOCK. MKL's
+// sgemm repacks W on every call, a large share of a step of a few rows, and more so while the other
+// core runs its own direction (the two share the cache and memory bandwidth). Measured with both
+// directions running, 2 threads (benchmarks/NOTES.md attempts 23 and 27): forward H=512 B32
+// 0.90x, H=768 B16 0.85x, B2 0.65x, H=256 B64 0.96x; backward (K = 4H) in K blocks of 512 H=768 B16
+// 0.78x, H=512 B32 0.89x, H=256 B64 0.87x, B2 0.63x (unblocked: 0.90x, 0.96x: brgemm over all of
+// K = 2048-3072 loses most of the gain); no gain from 256 rows on (MKL's packing pays for itself
+// there). A single row stays on MKL: its GEMV streams W at the memory bandwidth already, and the
+// panels lose 5-15% (B1 H768: forward 1.07x, backward 1.16x packed). A brgemm kernel is generated
+// once per shape and thread (tens of microseconds) and cached by ATen, so calls whose running row
+// count changes from step to step (lengths) pay that once per distinct count.
+// Otherwise at::mm_out on W made contiguous once; a weight used for a call or two (streaming
+// generation) is multiplied as it is: a copy would cost more than it saves.
+constexpr int64_t PANEL = 32;
+constexpr int64_t K_BLOCK = 512;
+constexpr int64_t PACK_MIN = int64_t{1} << 18;  // 1 MB of fp32: H = 256
+constexpr int64_t PACK_MIN_ROWS = 2;
+constexpr int64_t PACK_MAX_ROWS = 128;
+
+template <typename S>
+class StepGemm {
+ public:
+  // rows: the most rows a call multiplies, for a recurrent weight (0: not one, never packed)
+  StepGemm(const at::Tensor& w, int64_t calls, int64_t rows = 0) : K_(w.size(0)), N_(w.size(1)) {
+    use_panels_ = std::is_same<S, float>::value && K_ * N_ >= PACK_MIN && calls > 2 && rows >= PACK_MIN_ROWS &&
+                  rows <= PACK_MAX_ROWS;
+    if (!use_panels_) {
+      w_ = calls > 2 ? w.contiguous() : w;
+      return;
+    }
+    const int64_t panels = (N_ + PANEL - 1) / PANEL;
+    // [panels, K, PANEL]; the last panel's columns past N stay zero and are never read back
+    w_ = at::zeros({panels, K_, PANEL}, w.options());
+    for (int64_t j = 0; j < panels; ++j) {
+      const int64_t width = std::min(PANEL, N_ - j * PANEL);
+      w_[j].narrow(1, 0, width).copy_(w.narrow(1, j * PANEL, width));
+    }
+  }
+
+  // c = a @ W; a: [n, K] with unit column stride, c: [n, N] rows contiguous
+  void run(const at::Tensor& a, at::Tensor& c) const {
+    const int64_t n = a.size(0);
+    if (!use_panels_) {
+      at::mm_out(c, a, w_);
+      return;
+    }
+    const float* a_p = reinterpret_cast<const float*>(a.data_ptr());
+    const float* w_p = reinterpret_cast<const float*>(w_.data_ptr());
+    float* c_p = reinterpret_cast<float*>(c.data_ptr());
+    for (int64_t j = 0; j * PANEL < N_; ++j) {
+      const int64_t width = std::min(PANEL, N_ - j * PANEL);
+      for (int64_t k = 0; k < K_; k += K_BLOCK) {
+        at::native::cpublas::brgemm(n, width, std::min(K_BLOCK, K_ - k), a.stride(0), PANEL, N_, /*add_C=*/k > 0,
+                                    a_p + k, w_p + (j * K_ + k) * PANEL, c_p + j * PANEL);
+      }
+    }
+  }
+
+ private:
+  int64_t K_, N_;
+  bool use_panels_;
+  at::Tensor w_;
+};
+
+}  // namespace bilstm_native
