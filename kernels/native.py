@@ -1,5 +1,6 @@
 """Native CPU recurrence: the C++ extension `_native` (kernels/csrc/, one file per seam, listed in
-native.h), built ahead of time by setup.py. The recurrence contract of kernels/contract.py, for fp32 and fp64 CPU tensors.
+native.h), built ahead of time by setup.py. The recurrence contract of kernels/contract.py, for fp32,
+fp64, bf16 and fp16 CPU tensors.
 
 Each direction of a layer (and, with more threads than directions, each slice of batch rows) is
 one task; all tasks run at once in one fork/join per call and sweep their steps without waiting
@@ -18,6 +19,8 @@ import os
 
 import torch
 
+from . import vectorized
+
 
 def _load():
     """(the compiled module or None, why it is not available)."""
@@ -32,7 +35,11 @@ def _load():
 
 _native, UNAVAILABLE_REASON = _load()
 
-DTYPES = (torch.float32, torch.float64)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# bf16 and fp16 (see kernels/csrc/activations.h): GEMM operands in the input dtype with fp32
+# accumulation, gates, cell state and nonlinearities in fp32, h rounded to the input dtype where
+# the next step's GEMM reads it. Layers with a projection run the vectorized recurrence there.
+REDUCED = (torch.bfloat16, torch.float16)
 
 SUPPORTS_PROJECTION = True  # the optional projection extra of the contract (contract.py)
 
@@ -52,6 +59,8 @@ def simd_level():
 
 
 def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True, w_hr=None):
+    if w_hr is not None and gx.dtype in REDUCED:
+        return vectorized.recurrence_forward(gx, w_hh, h0, c0, lengths, save=save, w_hr=w_hr)
     out, h_n, c_n, gates, cs = _native.recurrence_forward(gx, w_hh, h0, c0, lengths, save, w_hr)
     if not save:
         gates = cs = None
@@ -75,4 +84,6 @@ def layer_gradients(dgates, x, h_prev, w_ih, need_dx, need_w_ih, need_w_hh, need
 
 def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None, w_hr=None):
     """-> dgates, dh0, dc0, and with a projection (w_hr) the gradient dh [T, B, D, P] too."""
+    if w_hr is not None and gates.dtype in REDUCED:
+        return vectorized.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, w_hr=w_hr)
     return tuple(_native.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, w_hr))

@@ -155,12 +155,12 @@ def test_saved_cell_state_carries_past_the_end():
 
 
 @needs_native
-def test_auto_picks_native_on_cpu_for_fp32_and_fp64_only():
+def test_auto_picks_native_on_cpu_for_every_float_dtype():
+    """fp32 and fp64, and bf16 and fp16 (fp32 math, kernels/native.py REDUCED) since they run natively too."""
     cpu = torch.device("cpu")
-    assert resolve_backend("auto", cpu, torch.float32) == "native"
-    assert resolve_backend("auto", cpu, torch.float64) == "native"
-    assert resolve_backend("auto", cpu, torch.bfloat16) == "vectorized"
-    assert resolve_backend("native", cpu, torch.float16) == "vectorized"
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        assert resolve_backend("auto", cpu, dtype) == "native"
+    assert resolve_backend("native", torch.device("meta"), torch.float32) == "vectorized"
 
 
 @needs_native

@@ -4,8 +4,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
-#include <vector>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(BILSTM_NO_CLONES)
 #define MULTI_TARGET __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -79,5 +81,35 @@ ALWAYS_INLINE float tanh_act(float x) {
 // fp64 is the exactness path: libm's exp and tanh.
 ALWAYS_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 ALWAYS_INLINE double tanh_act(double x) { return std::tanh(x); }
+
+// ---------------------------------------------------------------------------------------------
+// Reduced precision (bf16, fp16). The storage type S of inputs, weights, outputs and saved gates is
+// the user's; the gate math, the cell state and every GEMM's accumulation run in Acc<S> = fp32
+// (as in cuDNN and oneDNN), and h is rounded to S where it is stored, so the next step's GEMM
+// multiplies the rounded h.
+template <typename S>
+constexpr bool is_reduced = std::is_same_v<S, c10::BFloat16> || std::is_same_v<S, c10::Half>;
+template <typename S>
+using Acc = std::conditional_t<is_reduced<S>, float, S>;
+
+// S -> Acc<S>: exact.
+ALWAYS_INLINE float widen(c10::BFloat16 v) { return bits_to_float(static_cast<int32_t>(uint32_t{v.x} << 16)); }
+ALWAYS_INLINE float widen(c10::Half v) { return static_cast<float>(v); }
+ALWAYS_INLINE float widen(float v) { return v; }
+ALWAYS_INLINE double widen(double v) { return v; }
+
+// Acc<S> -> S, rounding to nearest even; NaN stays NaN (a select, so the loops still vectorize).
+template <typename S>
+ALWAYS_INLINE S narrow_to(Acc<S> v) {
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    const uint32_t u = static_cast<uint32_t>(float_to_bits(v));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+  } else if constexpr (std::is_same_v<S, c10::Half>) {
+    return c10::Half(v);
+  } else {
+    return v;
+  }
+}
 
 }  // namespace bilstm_native

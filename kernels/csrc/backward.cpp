@@ -1,5 +1,6 @@
 // The backward sweep of one layer, all directions (recurrence_backward), and the GEMMs after it
 // (layer_gradients).
+#include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
@@ -21,54 +22,60 @@ namespace bilstm_native {
 // takes it back through the projection (one GEMM, dh @ W_hr, into a [rows, H] buffer) and runs the
 // fused loop on the result; dh = dgates @ W_hh then gives the previous step's P-wide dh as before.
 
+// Types: dout, the saved gates and dgates in the storage type S; the cell states (cs, c0), the
+// carried state gradients and dh0, dc0 in Acc<S>. With bf16 or fp16 no projection.
 template <typename S>
 static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const at::Tensor& dc_n,
                           const at::Tensor& w_hh, const at::Tensor& w_hr, const at::Tensor& gates,
                           const at::Tensor& cs, const at::Tensor& c0, const std::vector<int64_t>& len,
                           at::Tensor& dgates, at::Tensor& dh0, at::Tensor& dc0, at::Tensor& dhs) {
+  using A = Acc<S>;
   const int64_t T = gates.size(0), B = gates.size(1), D = gates.size(2), G = gates.size(3), H = G / 4;
   const bool proj = w_hr.defined();
+  TORCH_CHECK(!(proj && is_reduced<S>), "native recurrence: no projection in reduced precision");
   const int64_t P = dh_n.size(2);
   const int64_t g_rs = D * G, c_rs = D * H, h_rs = D * P;  // row strides: gates, cs, dout (and dhs)
   const int64_t g_ts = B * g_rs, c_ts = B * c_rs, h_ts = B * h_rs;
   const S* dout_p = dout.data_ptr<S>();
   const S* gates_p = gates.data_ptr<S>();
-  const S* cs_p = cs.data_ptr<S>();
-  const S* c0_p = c0.data_ptr<S>();
-  const S* dhn_p = dh_n.data_ptr<S>();
-  const S* dcn_p = dc_n.data_ptr<S>();
+  const A* cs_p = cs.data_ptr<A>();
+  const A* c0_p = c0.data_ptr<A>();
+  const A* dhn_p = dh_n.data_ptr<A>();
+  const A* dcn_p = dc_n.data_ptr<A>();
   S* dgates_p = dgates.data_ptr<S>();
-  S* dh0_p = dh0.data_ptr<S>();
-  S* dc0_p = dc0.data_ptr<S>();
+  A* dh0_p = dh0.data_ptr<A>();
+  A* dc0_p = dc0.data_ptr<A>();
   S* dhs_p = proj ? dhs.data_ptr<S>() : nullptr;
+  const auto acc_options = gates.options().dtype(c10::CppTypeToScalarType<A>::value);
   std::vector<Task> tasks = make_tasks(len, D);
   run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t k) {
     const Task& task = tasks[k];
     const int64_t d = task.d, nr = static_cast<int64_t>(task.rows.size());
     const int64_t* rows = task.rows.data();
-    const StepGemm<S> recurrent(w_hh[d], T, nr);  // dh_prev = dgates @ W_hh [4H, P]
-    c10::optional<StepGemm<S>> projection;    // du = dh @ W_hr [P, H]
-    if (proj) projection.emplace(w_hr[d], T);
-    at::Tensor dh = at::empty({nr, P}, gates.options());
-    at::Tensor dc = at::empty({nr, H}, gates.options());
+    const StepGemmFor<S> recurrent(w_hh[d], T, nr);  // dh_prev = dgates @ W_hh [4H, P]
+    c10::optional<StepGemm<S>> projection;             // du = dh @ W_hr [P, H] (fp32 and fp64 only)
+    if constexpr (!is_reduced<S>)
+      if (proj) projection.emplace(w_hr[d], T);
+    at::Tensor dh = at::empty({nr, P}, acc_options);
+    at::Tensor dc = at::empty({nr, H}, acc_options);
     // rows in batch order: the step GEMM reads the gate gradients from dgates itself (row stride
     // D * 4H), else from a copy the loop also stores in task order
     const bool in_order = task.in_batch_order();
     at::Tensor dg = in_order ? at::Tensor() : at::empty({nr, G}, gates.options());
     // with a projection, the gradient of o * tanh(c): du = dh @ W_hr [nr, H]
-    at::Tensor du = proj ? at::empty({nr, H}, gates.options()) : dh;
-    S* dh_p = dh.data_ptr<S>();
-    S* dc_p = dc.data_ptr<S>();
+    at::Tensor du = proj ? at::empty({nr, H}, acc_options) : dh;
+    A* dh_p = dh.data_ptr<A>();
+    A* dc_p = dc.data_ptr<A>();
     for (int64_t r = 0; r < nr; ++r) {
-      std::memcpy(dh_p + r * P, dhn_p + (d * B + rows[r]) * P, P * sizeof(S));
-      std::memcpy(dc_p + r * H, dcn_p + (d * B + rows[r]) * H, H * sizeof(S));
+      std::memcpy(dh_p + r * P, dhn_p + (d * B + rows[r]) * P, P * sizeof(A));
+      std::memcpy(dc_p + r * H, dcn_p + (d * B + rows[r]) * H, H * sizeof(A));
     }
     int64_t n = 0;
     for (int64_t s = T - 1; s >= 0; --s) {  // the forward's steps, last first
       const int64_t t = d == 0 ? s : T - 1 - s;
       n = active_rows(task, len, t, n);
       if (n > 0) {
-        const S* c_prev;
+        const A* c_prev;
         int64_t cp_rs;
         if (s == 0) {
           c_prev = c0_p + d * B * H;
@@ -79,14 +86,16 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const 
           cp_rs = c_rs;
         }
         const S* dout_t = dout_p + t * h_ts + d * P;
-        if (proj) {
-          add_dout(n, rows, P, dout_t, h_rs, dh_p, dhs_p + t * h_ts + d * P);
-          at::Tensor du_rows = du.narrow(0, 0, n);
-          projection->run(dh.narrow(0, 0, n), du_rows);
+        if constexpr (!is_reduced<S>) {
+          if (proj) {
+            add_dout(n, rows, P, dout_t, h_rs, dh_p, dhs_p + t * h_ts + d * P);
+            at::Tensor du_rows = du.narrow(0, 0, n);
+            projection->run(dh.narrow(0, 0, n), du_rows);
+          }
         }
         // the loop's dout and cs share the row stride c_rs; with a projection it does not read dout
         backward_rows_any(n, rows, H, proj ? nullptr : dout_t, c_rs, gates_p + t * g_ts + d * G, g_rs,
-                          cs_p + t * c_ts + d * H, c_prev, cp_rs, du.data_ptr<S>(), dc_p,
+                          cs_p + t * c_ts + d * H, c_prev, cp_rs, du.data_ptr<A>(), dc_p,
                           in_order ? nullptr : dg.data_ptr<S>(), dgates_p + t * g_ts + d * G, proj);
         at::Tensor dh_rows = dh.narrow(0, 0, n);
         recurrent.run(in_order ? dgates[t].select(1, d).narrow(0, 0, n) : dg.narrow(0, 0, n), dh_rows);
@@ -98,8 +107,8 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const 
       }
     }
     for (int64_t r = 0; r < nr; ++r) {
-      std::memcpy(dh0_p + (d * B + rows[r]) * P, dh_p + r * P, P * sizeof(S));
-      std::memcpy(dc0_p + (d * B + rows[r]) * H, dc_p + r * H, H * sizeof(S));
+      std::memcpy(dh0_p + (d * B + rows[r]) * P, dh_p + r * P, P * sizeof(A));
+      std::memcpy(dc0_p + (d * B + rows[r]) * H, dc_p + r * H, H * sizeof(A));
     }
   });
 }
@@ -112,30 +121,29 @@ std::vector<at::Tensor> recurrence_backward(const at::Tensor& dout_in, const at:
                                             const c10::optional<at::Tensor>& w_hr_in) {
   check_inputs(gates_in, w_hh_in, w_hr_in);
   const auto opts = gates_in.options();
-  const auto dt = opts.dtype();
+  const auto dt = gates_in.scalar_type(), acc = acc_dtype(dt);
   at::Tensor gates = gates_in.contiguous();
-  at::Tensor cs = cs_in.to(dt).contiguous();
+  at::Tensor cs = cs_in.to(acc).contiguous();
   at::Tensor dout = dout_in.to(dt).contiguous();
-  at::Tensor dh_n = dh_n_in.to(dt).contiguous();
-  at::Tensor dc_n = dc_n_in.to(dt).contiguous();
+  at::Tensor dh_n = dh_n_in.to(acc).contiguous();
+  at::Tensor dc_n = dc_n_in.to(acc).contiguous();
   at::Tensor w_hh = w_hh_in.to(dt).contiguous();
-  at::Tensor w_hr = projection_weight(w_hr_in, gates.scalar_type());
-  at::Tensor c0 = c0_in.to(dt).contiguous();
+  at::Tensor w_hr = projection_weight(w_hr_in, dt);
+  at::Tensor c0 = c0_in.to(acc).contiguous();
   const int64_t T = gates.size(0), B = gates.size(1), D = gates.size(2), G = gates.size(3), H = G / 4;
   const int64_t P = w_hh.size(2);
   TORCH_CHECK(dout.sizes() == at::IntArrayRef({T, B, D, P}) && dh_n.sizes() == at::IntArrayRef({D, B, P}) &&
                   dc_n.sizes() == at::IntArrayRef({D, B, H}),
               "native recurrence: dout must be [T, B, D, P], dh_n [D, B, P] and dc_n [D, B, H]");
   at::Tensor dgates = at::empty({T, B, D, G}, opts);
-  at::Tensor dh0 = at::empty({D, B, P}, opts);
-  at::Tensor dc0 = at::empty({D, B, H}, opts);
+  at::Tensor dh0 = at::empty({D, B, P}, opts.dtype(acc));
+  at::Tensor dc0 = at::empty({D, B, H}, opts.dtype(acc));
   at::Tensor dhs = w_hr.defined() ? at::empty({T, B, D, P}, opts) : at::Tensor();
   if (T > 0 && B > 0 && H > 0) {
     const std::vector<int64_t> len = lengths_vector(lengths, B, T);
-    if (gates.scalar_type() == at::kFloat)
-      backward_impl<float>(dout, dh_n, dc_n, w_hh, w_hr, gates, cs, c0, len, dgates, dh0, dc0, dhs);
-    else
-      backward_impl<double>(dout, dh_n, dc_n, w_hh, w_hr, gates, cs, c0, len, dgates, dh0, dc0, dhs);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "native backward", [&] {
+      backward_impl<scalar_t>(dout, dh_n, dc_n, w_hh, w_hr, gates, cs, c0, len, dgates, dh0, dc0, dhs);
+    });
   } else {
     dgates.zero_();
     dh0.copy_(dh_n);
@@ -154,7 +162,12 @@ std::vector<at::Tensor> recurrence_backward(const at::Tensor& dout_in, const at:
 // depend on how the BLAS library orders one long reduction.
 constexpr int64_t ROW_BLOCK = 512;
 
+// bf16 and fp16: one GEMM over all rows on contiguous copies (ATen hands reduced-precision mm to
+// oneDNN, which accumulates in fp32 and rounds once, and rejects some strided operands), widened to
+// fp32 for the sum over the slices.
 static at::Tensor sum_over_rows(const at::Tensor& a, const at::Tensor& b) {  // a.t() @ b, a [n, M], b [n, N]
+  if (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf)
+    return at::mm(a.contiguous().t(), b.contiguous()).to(at::kFloat);
   const int64_t n = a.size(0);
   at::Tensor out = at::mm(a.narrow(0, 0, std::min(n, ROW_BLOCK)).t(), b.narrow(0, 0, std::min(n, ROW_BLOCK)));
   for (int64_t start = ROW_BLOCK; start < n; start += ROW_BLOCK) {
@@ -215,7 +228,7 @@ std::vector<at::Tensor> layer_gradients(const at::Tensor& dgates_in, const at::T
         TORCH_CHECK(h_prev.defined(), "native layer_gradients: h_prev is needed for W_hh's gradient");
         partial[k][1] = sum_over_rows(dg, h_prev.select(2, d).reshape({n, h_prev.size(3)}).narrow(0, first, last - first));
       }
-      if (need_bias[d]) partial[k][2] = at::sum(dg, {0});
+      if (need_bias[d]) partial[k][2] = at::sum(dg, {0}, /*keepdim=*/false, acc_dtype(dt));
     }
   });
   std::vector<at::Tensor> result(1 + 3 * D);
@@ -224,7 +237,7 @@ std::vector<at::Tensor> layer_gradients(const at::Tensor& dgates_in, const at::T
     for (int64_t j = 0; j < 3; ++j) {
       at::Tensor total = partial[d * slices][j];
       for (int64_t s = 1; s < slices && total.defined(); ++s) total.add_(partial[d * slices + s][j]);
-      result[1 + 3 * d + j] = total;
+      result[1 + 3 * d + j] = total.defined() ? total.to(dt) : total;  // bf16/fp16: summed in fp32
     }
   }
   return result;

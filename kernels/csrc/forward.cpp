@@ -1,4 +1,5 @@
 // The forward sweep of one layer, all directions (recurrence_forward, layer_forward).
+#include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Optional.h>
@@ -38,24 +39,26 @@ struct Projections {
 // call the block is recycled heap memory instead of fresh pages that fault on first touch.
 constexpr int64_t BLOCK_BYTES = int64_t{4} << 20;
 
-// The projections of one task, a block of steps at a time (layer_forward's source).
+// The projections of one task, a block of steps at a time (layer_forward's source), in Acc<S>:
+// with bf16 or fp16 input they are never rounded to it.
 template <typename S>
 class ProjectionBlocks {
  public:
   ProjectionBlocks(const Projections& p, const Task& task, const std::vector<int64_t>& len, int64_t T)
       : task_(task), len_(len), T_(T), B_(p.x.size(1)), I_(p.x.size(2)), G_(p.w_ih.size(1)),
         nr_(static_cast<int64_t>(task.rows.size())),
-        steps_(std::max<int64_t>(1, std::min<int64_t>(T, BLOCK_BYTES / (nr_ * G_ * int64_t(sizeof(S)))))),
+        steps_(std::max<int64_t>(1, std::min<int64_t>(T, BLOCK_BYTES / (nr_ * G_ * int64_t(sizeof(Acc<S>)))))),
         gemm_(p.w_ih[task.d].t(), (T + steps_ - 1) / steps_), x_(p.x),
-        block_(at::empty({steps_ * nr_, G_}, p.x.options())), order_(nr_) {
+        block_(at::empty({steps_ * nr_, G_}, p.x.options().dtype(c10::CppTypeToScalarType<Acc<S>>::value))),
+        order_(nr_) {
     std::iota(order_.begin(), order_.end(), int64_t{0});
     contiguous_rows_ = nr_ == B_ && task.in_batch_order();
   }
 
   // Row r's projections at step s (time t) are at base + index()[r] * G.
-  const S* base(int64_t s, int64_t t) {
+  const Acc<S>* base(int64_t s, int64_t t) {
     if (s % steps_ == 0) project(s);
-    return block_.data_ptr<S>() + (t - t_lo_) * rows_ * G_;
+    return block_.data_ptr<Acc<S>>() + (t - t_lo_) * rows_ * G_;
   }
   const int64_t* index() const { return order_.data(); }
   int64_t row_stride() const { return G_; }
@@ -88,19 +91,24 @@ class ProjectionBlocks {
   const Task& task_;
   const std::vector<int64_t>& len_;
   const int64_t T_, B_, I_, G_, nr_, steps_;
-  const StepGemm<S> gemm_;
+  const StepGemmFor<S> gemm_;
   at::Tensor x_, block_, gathered_;
   std::vector<int64_t> order_;
   bool contiguous_rows_;
   int64_t t_lo_ = 0, rows_ = 0;
 };
 
+// Types: out, h_n, c_n and the saved gates in the storage type S, the cell state (c0 in, cs
+// saved) in Acc<S> (see activations.h). With bf16 or fp16 no projection (the Python side runs
+// those layers on the vectorized backend).
 template <typename S>
 static void forward_impl(const Projections& input, const at::Tensor& w_hh, const at::Tensor& w_hr, const at::Tensor& h0,
                          const at::Tensor& c0, const std::vector<int64_t>& len, bool save, at::Tensor& out,
                          at::Tensor& h_n, at::Tensor& c_n, at::Tensor& gates, at::Tensor& cs) {
+  using A = Acc<S>;
   const int64_t T = out.size(0), B = out.size(1), D = out.size(2), H = c0.size(2), G = 4 * H;
   const bool proj = w_hr.defined();
+  TORCH_CHECK(!(proj && is_reduced<S>), "native recurrence: no projection in reduced precision");
   const int64_t P = h0.size(2);
   const int64_t gx_rs = D * G, c_rs = D * H, out_rs = D * P;  // row (batch) strides of gx and gates, cs, out
   const int64_t gx_ts = B * gx_rs, c_ts = B * c_rs, out_ts = B * out_rs;
@@ -108,54 +116,63 @@ static void forward_impl(const Projections& input, const at::Tensor& w_hh, const
   const S* gx_p = fused ? nullptr : input.gx.data_ptr<S>();
   S* out_p = out.data_ptr<S>();
   S* gates_p = save ? gates.data_ptr<S>() : nullptr;
-  S* cs_p = save ? cs.data_ptr<S>() : nullptr;
+  A* cs_p = save ? cs.data_ptr<A>() : nullptr;
   const S* h0_p = h0.data_ptr<S>();
-  const S* c0_p = c0.data_ptr<S>();
+  const A* c0_p = c0.data_ptr<A>();
   S* hn_p = h_n.data_ptr<S>();
   S* cn_p = c_n.data_ptr<S>();
+  const auto acc_options = out.options().dtype(c10::CppTypeToScalarType<A>::value);
   std::vector<Task> tasks = make_tasks(len, D);
   run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t k) {
     const Task& task = tasks[k];
     const int64_t d = task.d, nr = static_cast<int64_t>(task.rows.size());
     const int64_t* rows = task.rows.data();
-    const StepGemm<S> recurrent(w_hh[d].t(), T, nr);  // h_prev @ W_hh^T
-    c10::optional<StepGemm<S>> projection;                                        // u @ W_hr^T
-    if (proj) projection.emplace(w_hr[d].t(), T);
+    const StepGemmFor<S> recurrent(w_hh[d].t(), T, nr);  // h_prev @ W_hh^T
+    c10::optional<StepGemm<S>> projection;                 // u @ W_hr^T (fp32 and fp64 only)
+    if constexpr (!is_reduced<S>)
+      if (proj) projection.emplace(w_hr[d].t(), T);
     c10::optional<ProjectionBlocks<S>> blocks;
     if (fused) blocks.emplace(input, task, len, T);
     // the fused loop adds the bias to a block's projections; gx holds it already
-    const at::Tensor bias = fused && input.bias.defined() ? input.bias[d].contiguous() : at::zeros({G}, out.options());
-    // task-private state, allocated on the thread that uses it: h [nr, P], c [nr, H],
-    // hw [nr, 4H], and with a projection the unprojected h, u [nr, H]
+    const at::Tensor bias = fused && input.bias.defined() ? input.bias[d].to(acc_options).contiguous()
+                                                          : at::zeros({G}, acc_options);
+    // task-private state, allocated on the thread that uses it: h [nr, P] (in S: the next step's
+    // GEMM reads it), c [nr, H], hw [nr, 4H], and with a projection the unprojected h, u [nr, H]
     at::Tensor h = at::empty({nr, P}, out.options());
-    at::Tensor c = at::empty({nr, H}, out.options());
-    at::Tensor hw = at::empty({nr, G}, out.options());
+    at::Tensor c = at::empty({nr, H}, acc_options);
+    at::Tensor hw = at::empty({nr, G}, acc_options);
     at::Tensor u = proj ? at::empty({nr, H}, out.options()) : h;
     S* h_p = h.data_ptr<S>();
-    S* c_p = c.data_ptr<S>();
+    A* c_p = c.data_ptr<A>();
     for (int64_t r = 0; r < nr; ++r) {
       std::memcpy(h_p + r * P, h0_p + (d * B + rows[r]) * P, P * sizeof(S));
-      std::memcpy(c_p + r * H, c0_p + (d * B + rows[r]) * H, H * sizeof(S));
+      std::memcpy(c_p + r * H, c0_p + (d * B + rows[r]) * H, H * sizeof(A));
     }
     int64_t n = nr;
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = d == 0 ? s : T - 1 - s;
       n = active_rows(task, len, t, n);
       S* out_t = out_p + t * out_ts + d * P;
-      const S* gx_t = fused ? blocks->base(s, t) : gx_p + t * gx_ts + d * G;
       if (n > 0) {
         at::Tensor hw_n = hw.narrow(0, 0, n);
         recurrent.run(h.narrow(0, 0, n), hw_n);
         // the loop's out and cs share the row stride c_rs; with a projection it does not write out
-        forward_rows_any(n, rows, H, gx_t, fused ? blocks->index() : rows, fused ? blocks->row_stride() : gx_rs,
-                         bias.data_ptr<S>(), hw.data_ptr<S>(), u.data_ptr<S>(), c_p, proj ? nullptr : out_t, c_rs,
-                         save ? gates_p + t * gx_ts + d * G : nullptr, gx_rs, save ? cs_p + t * c_ts + d * H : nullptr,
-                         proj);
+        S* gates_t = save ? gates_p + t * gx_ts + d * G : nullptr;
+        A* cs_t = save ? cs_p + t * c_ts + d * H : nullptr;
+        if (fused)
+          forward_rows_any(n, rows, H, blocks->base(s, t), blocks->index(), blocks->row_stride(), bias.data_ptr<A>(),
+                           hw.data_ptr<A>(), u.data_ptr<S>(), c_p, proj ? nullptr : out_t, c_rs, gates_t, gx_rs, cs_t,
+                           proj);
+        else
+          forward_rows_any(n, rows, H, gx_p + t * gx_ts + d * G, rows, gx_rs, bias.data_ptr<A>(), hw.data_ptr<A>(),
+                           u.data_ptr<S>(), c_p, proj ? nullptr : out_t, c_rs, gates_t, gx_rs, cs_t, proj);
         if (proj) {
           at::Tensor h_rows = h.narrow(0, 0, n);
           projection->run(u.narrow(0, 0, n), h_rows);
           for (int64_t r = 0; r < n; ++r) std::memcpy(out_t + rows[r] * out_rs, h_p + r * P, P * sizeof(S));
         }
+      } else if (fused) {
+        blocks->base(s, t);  // keeps the blocks in step (a block starts at its first step)
       }
       // rows past their end (t >= len): zero output; the saved cell state carries the state
       // (the final one going forward, c0 going back); the gates are never read there
@@ -163,24 +180,29 @@ static void forward_impl(const Projections& input, const at::Tensor& w_hh, const
         const int64_t b = rows[r];
         std::memset(out_t + b * out_rs, 0, P * sizeof(S));
         if (save) {
-          std::memcpy(cs_p + t * c_ts + b * c_rs + d * H, c_p + r * H, H * sizeof(S));
+          std::memcpy(cs_p + t * c_ts + b * c_rs + d * H, c_p + r * H, H * sizeof(A));
           std::memset(gates_p + t * gx_ts + b * gx_rs + d * G, 0, G * sizeof(S));
         }
       }
     }
     for (int64_t r = 0; r < nr; ++r) {
       std::memcpy(hn_p + (d * B + rows[r]) * P, h_p + r * P, P * sizeof(S));
-      std::memcpy(cn_p + (d * B + rows[r]) * H, c_p + r * H, H * sizeof(S));
+      convert(H, c_p + r * H, cn_p + (d * B + rows[r]) * H);
     }
   });
 }
 
 // gx [T, B, D, 4H]; w_hh [D, 4H, P] with P = H, or with a projection w_hr [D, P, H].
+bool supported_dtype(at::ScalarType dt) {
+  return dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf;
+}
+
+at::ScalarType acc_dtype(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
+
 void check_inputs(const at::Tensor& gx, const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr) {
   TORCH_CHECK(gx.device().is_cpu(), "native recurrence: CPU tensors only");
   TORCH_CHECK(gx.dim() == 4 && gx.size(3) % 4 == 0, "native recurrence: gx must be [T, B, D, 4H]");
-  TORCH_CHECK(gx.scalar_type() == at::kFloat || gx.scalar_type() == at::kDouble,
-              "native recurrence: float32 or float64 only");
+  TORCH_CHECK(supported_dtype(gx.scalar_type()), "native recurrence: float32, float64, bfloat16 or float16 only");
   const int64_t D = gx.size(2), G = gx.size(3), H = G / 4;
   int64_t P = H;
   if (w_hr.has_value()) {
@@ -207,7 +229,7 @@ static std::vector<at::Tensor> forward_sweep(const Projections& input, const at:
   at::Tensor w_hh = w_hh_in.to(dt).contiguous();
   at::Tensor w_hr = projection_weight(w_hr_in, dt);
   at::Tensor h0 = h0_in.to(dt).contiguous();
-  at::Tensor c0 = c0_in.to(dt).contiguous();
+  at::Tensor c0 = c0_in.to(acc_dtype(dt)).contiguous();
   const int64_t G = 4 * H, P = w_hh.size(2);
   TORCH_CHECK(h0.sizes() == at::IntArrayRef({D, B, P}) && c0.sizes() == at::IntArrayRef({D, B, H}),
               "native recurrence: h0 must be [D, B, P] and c0 [D, B, H]");
@@ -217,14 +239,13 @@ static std::vector<at::Tensor> forward_sweep(const Projections& input, const at:
   at::Tensor gates, cs;
   if (save) {
     gates = at::empty({T, B, D, G}, opts);
-    cs = at::empty({T, B, D, H}, opts);
+    cs = at::empty({T, B, D, H}, opts.dtype(acc_dtype(dt)));
   }
   if (T > 0 && B > 0 && H > 0) {
     const std::vector<int64_t> len = lengths_vector(lengths, B, T);
-    if (dt == at::kFloat)
-      forward_impl<float>(input, w_hh, w_hr, h0, c0, len, save, out, h_n, c_n, gates, cs);
-    else
-      forward_impl<double>(input, w_hh, w_hr, h0, c0, len, save, out, h_n, c_n, gates, cs);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "native forward", [&] {
+      forward_impl<scalar_t>(input, w_hh, w_hr, h0, c0, len, save, out, h_n, c_n, gates, cs);
+    });
   } else {
     h_n.copy_(h0);
     c_n.copy_(c0);
@@ -249,8 +270,7 @@ std::vector<at::Tensor> layer_forward(const at::Tensor& x, const at::Tensor& w_i
                                       const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
                                       const c10::optional<at::Tensor>& lengths, bool save) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 3, "native layer_forward: x must be a CPU [T, B, I] tensor");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "native layer_forward: float32 or float64 only");
+  TORCH_CHECK(supported_dtype(x.scalar_type()), "native layer_forward: float32, float64, bfloat16 or float16 only");
   TORCH_CHECK(w_ih.dim() == 3 && w_ih.size(2) == x.size(2) && w_ih.size(1) % 4 == 0,
               "native layer_forward: w_ih must be [D, 4H, I]");
   const int64_t D = w_ih.size(0), H = w_ih.size(1) / 4;

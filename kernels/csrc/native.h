@@ -59,7 +59,10 @@ std::vector<at::Tensor> layer_gradients(const at::Tensor& dgates, const at::Tens
                                         const std::vector<bool>& need_w_hh, const std::vector<bool>& need_bias);
 std::string simd_level();
 
-// Shared by the forward and the backward (forward.cpp).
+// Shared by the forward and the backward (forward.cpp). The dtypes the recurrence runs in, and the
+// dtype of its cell state and accumulation for each (fp32 for bf16 and fp16).
+bool supported_dtype(at::ScalarType dt);
+at::ScalarType acc_dtype(at::ScalarType dt);
 void check_inputs(const at::Tensor& gx, const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr);
 at::Tensor projection_weight(const c10::optional<at::Tensor>& w_hr, const at::ScalarType dtype);
 

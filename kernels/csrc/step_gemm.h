@@ -1,14 +1,19 @@
 // The step GEMM of the recurrence: C = A @ W for a weight fixed for the whole call.
 #pragma once
 
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/native/CPUBlas.h>  // cpublas::brgemm
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/Optional.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
+
+#include "activations.h"  // is_reduced
 
 namespace bilstm_native {
 
@@ -81,5 +86,86 @@ class StepGemm {
   bool use_panels_;
   at::Tensor w_;
 };
+
+// ---------------------------------------------------------------------------------------------
+// Reduced precision (bf16, fp16): C [n, N] in fp32 = A [n, K] @ W with A and W in the storage type,
+// products accumulated in fp32 (the products of two bf16 or fp16 numbers are exact in fp32).
+//
+// bf16 where ATen's brgemm runs it with W in the VNNI layout (oneDNN's micro-kernel: AVX512-BF16's
+// dot-product instruction, or AMX tiles; emulated on plain AVX-512) and K is even: W is packed
+// once per call into [K/2, N, 2] (rows 2k and 2k+1 interleaved) and every step is one brgemm.
+// Elsewhere (fp16, odd K, a CPU or build without the micro-kernel, torch.backends.mkldnn off): W is
+// widened to fp32 once and A at every step, and the fp32 StepGemm multiplies them, which is exact
+// in the same sense and gives the same numbers to the order of the fp32 sums.
+
+// Whether ATen's brgemm multiplies bf16 with B in the VNNI layout on this CPU and build. Checked
+// once, by running it on a small problem of small integers (exact in bf16 and fp32) against the
+// plain sums: a CPU without the micro-kernel throws, and one whose layout differed would give other
+// numbers. torch.backends.mkldnn.enabled, which switches the micro-kernel off, is read at every call.
+inline bool vnni_brgemm_usable() {
+  static const bool works = [] {
+    constexpr int64_t M = 3, K = 8, N = 20;
+    std::vector<c10::BFloat16> a(M * K), packed(K * N);
+    std::vector<float> b(K * N), c(M * N, 0.0f);
+    for (int64_t i = 0; i < M * K; ++i) a[i] = c10::BFloat16(static_cast<float>(i % 7 - 3));
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < N; ++j) {
+        b[k * N + j] = static_cast<float>((k * N + j) % 5 - 2);
+        packed[(k / 2) * N * 2 + j * 2 + k % 2] = c10::BFloat16(b[k * N + j]);
+      }
+    try {
+      at::native::cpublas::brgemm(M, N, K, K, N, N, false, a.data(), packed.data(), c.data(), true);
+      at::native::cpublas::brgemm_release();
+    } catch (const std::exception&) {
+      return false;
+    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < N; ++j) {
+        float expected = 0.0f;
+        for (int64_t k = 0; k < K; ++k) expected += static_cast<float>(a[m * K + k]) * b[k * N + j];
+        if (c[m * N + j] != expected) return false;
+      }
+    return true;
+  }();
+  return works && at::globalContext().userEnabledMkldnn();
+}
+
+template <typename S>
+class ReducedStepGemm {
+ public:
+  ReducedStepGemm(const at::Tensor& w, int64_t calls, int64_t rows = 0) : K_(w.size(0)), N_(w.size(1)) {
+    if (std::is_same_v<S, c10::BFloat16> && K_ % 2 == 0 && vnni_brgemm_usable()) {
+      vnni_ = w.unflatten(0, {K_ / 2, 2}).permute({0, 2, 1}).contiguous();  // [K/2, N, 2]
+    } else {
+      widened_.emplace(w.to(at::kFloat), calls, rows);
+    }
+  }
+  ~ReducedStepGemm() {
+    if (vnni_.defined()) at::native::cpublas::brgemm_release();  // AMX: the tile state of this thread
+  }
+  ReducedStepGemm(const ReducedStepGemm&) = delete;
+  ReducedStepGemm& operator=(const ReducedStepGemm&) = delete;
+
+  // c = a @ W; a: [n, K] in S with unit column stride, c: [n, N] fp32 with unit column stride
+  void run(const at::Tensor& a, at::Tensor& c) const {
+    if (!vnni_.defined()) {
+      widened_->run(a.to(at::kFloat), c);
+      return;
+    }
+    at::native::cpublas::brgemm(a.size(0), N_, K_, a.stride(0), N_, c.stride(0), /*add_C=*/false,
+                                reinterpret_cast<const c10::BFloat16*>(a.data_ptr()),
+                                reinterpret_cast<const c10::BFloat16*>(vnni_.data_ptr()),
+                                reinterpret_cast<float*>(c.data_ptr()), /*is_vnni=*/true);
+  }
+
+ private:
+  int64_t K_, N_;
+  at::Tensor vnni_;
+  c10::optional<StepGemm<float>> widened_;
+};
+
+// The step GEMM for storage type S: its result is in Acc<S>.
+template <typename S>
+using StepGemmFor = std::conditional_t<is_reduced<S>, ReducedStepGemm<S>, StepGemm<S>>;
 
 }  // namespace bilstm_native

@@ -8,49 +8,55 @@
 namespace bilstm_native {
 
 // ---------------------------------------------------------------------------------------------
-// Fused per-step loops. Row r of a task is batch row rows[r]; row-major [.., H] state buffers
-// are indexed by r, the [T, B, D, F] tensors by rows[r] through a row stride.
+// Row r of a task is batch row rows[r]; row-major [.., H] state buffers are indexed by r, the
+// [T, B, D, F] tensors by rows[r] through a row stride.
 //
 // The flags are template parameters, picked once per step by the entry points below, so the
 // loops themselves never branch. SAVE: also store the activated gates and the cell state for
 // the backward (training); without it (inference) the same arithmetic, hence the same bits.
 // PROJ (nn.LSTM's proj_size): o * tanh(c) is not yet the step's h but the input of the
 // projection GEMM that the caller runs after the loop, so the loop stores it to `h` only.
+//
+// Types: S is the storage type (of out, h and the saved gates), A = Acc<S> the type of the math,
+// the cell state (c, cs), the GEMM results (hw) and the bias; GX, the type of the input
+// projections, is S where the caller made them (the contract's gx) and A where a task projected
+// them itself. For fp32 and fp64 all three are one type.
 
-template <typename S, bool SAVE, bool PROJ>
+template <typename S, typename GX, bool SAVE, bool PROJ>
 static ALWAYS_INLINE void forward_rows(
     int64_t n, const int64_t* rows, int64_t H,
-    const S* __restrict__ gx, const int64_t* gx_rows, int64_t gx_rs,  // row r's projections at gx + gx_rows[r] * gx_rs
-    const S* __restrict__ bias,               // [4H] added to them (zeros where gx holds it already)
-    const S* __restrict__ hw,                 // [n, 4H]: h_prev @ W_hh^T of this step
+    const GX* __restrict__ gx, const int64_t* gx_rows, int64_t gx_rs,  // row r's projections at gx + gx_rows[r] * gx_rs
+    const Acc<S>* __restrict__ bias,          // [4H] added to them (zeros where gx holds it already)
+    const Acc<S>* __restrict__ hw,            // [n, 4H]: h_prev @ W_hh^T of this step
     S* __restrict__ h,                        // [n, H] out: o * tanh(c) (the h state unless PROJ)
-    S* __restrict__ c,                        // [n, H] cell state, updated in place
+    Acc<S>* __restrict__ c,                   // [n, H] cell state, updated in place
     S* __restrict__ out, int64_t rs,          // out at (t, 0, d), unused with PROJ; rs: row stride of out and cs
     S* __restrict__ gates, int64_t g_rs,      // SAVE: gates at (t, 0, d)
-    S* __restrict__ cs) {                     // SAVE: cs at (t, 0, d) (row stride rs)
+    Acc<S>* __restrict__ cs) {                // SAVE: cs at (t, 0, d) (row stride rs)
+  using A = Acc<S>;
   const int64_t G = 4 * H;
   for (int64_t r = 0; r < n; ++r) {
     const int64_t b = rows[r];
-    const S* __restrict__ x = gx + gx_rows[r] * gx_rs;
-    const S* __restrict__ a = hw + r * G;
+    const GX* __restrict__ x = gx + gx_rows[r] * gx_rs;
+    const A* __restrict__ a = hw + r * G;
     S* __restrict__ hr = h + r * H;
-    S* __restrict__ cr = c + r * H;
+    A* __restrict__ cr = c + r * H;
     S* __restrict__ o_row = PROJ ? nullptr : out + b * rs;
     S* __restrict__ g_row = SAVE ? gates + b * g_rs : nullptr;
-    S* __restrict__ c_row = SAVE ? cs + b * rs : nullptr;
+    A* __restrict__ c_row = SAVE ? cs + b * rs : nullptr;
     SIMD_LOOP
     for (int64_t j = 0; j < H; ++j) {
-      S i = sigmoid((x[j] + bias[j]) + a[j]);
-      S f = sigmoid((x[H + j] + bias[H + j]) + a[H + j]);
-      S g = tanh_act((x[2 * H + j] + bias[2 * H + j]) + a[2 * H + j]);
-      S o = sigmoid((x[3 * H + j] + bias[3 * H + j]) + a[3 * H + j]);
-      S cn = f * cr[j] + i * g;
-      S hn = o * tanh_act(cn);
+      A i = sigmoid((widen(x[j]) + bias[j]) + a[j]);
+      A f = sigmoid((widen(x[H + j]) + bias[H + j]) + a[H + j]);
+      A g = tanh_act((widen(x[2 * H + j]) + bias[2 * H + j]) + a[2 * H + j]);
+      A o = sigmoid((widen(x[3 * H + j]) + bias[3 * H + j]) + a[3 * H + j]);
+      A cn = f * cr[j] + i * g;
+      S hn = narrow_to<S>(o * tanh_act(cn));
       if constexpr (SAVE) {
-        g_row[j] = i;
-        g_row[H + j] = f;
-        g_row[2 * H + j] = g;
-        g_row[3 * H + j] = o;
+        g_row[j] = narrow_to<S>(i);
+        g_row[H + j] = narrow_to<S>(f);
+        g_row[2 * H + j] = narrow_to<S>(g);
+        g_row[3 * H + j] = narrow_to<S>(o);
         c_row[j] = cn;
       }
       cr[j] = cn;
@@ -64,39 +70,42 @@ static ALWAYS_INLINE void forward_rows(
 // wide, before projecting it back through W_hr); without it the loop adds dout itself.
 // COPY: also store the gate gradients to the task's own [n, 4H] buffer dg, for the step GEMM;
 // without it (a task whose rows are the batch rows in order) that GEMM reads them from dgates.
+// Types as forward_rows: the saved gates, dout and the gate gradients in S, the cell states and
+// the carried state gradients (dh, dc) in A.
 template <typename S, bool PROJ, bool COPY>
 static ALWAYS_INLINE void backward_rows(
     int64_t n, const int64_t* rows, int64_t H,
     const S* __restrict__ dout, int64_t rs,         // dout at (t, 0, d), unused with PROJ; rs: row stride of dout and cs
     const S* __restrict__ gates, int64_t g_rs,      // saved activated gates at (t, 0, d)
-    const S* __restrict__ cs,                       // saved cell state at (t, 0, d)
-    const S* __restrict__ c_prev, int64_t cp_rs,    // previous cell state: cs at the previous step, or c0
-    S* __restrict__ dh,                             // [n, H] in: dL/dh after this step; consumed
-    S* __restrict__ dc,                             // [n, H] in/out: dL/dc after -> before this step
+    const Acc<S>* __restrict__ cs,                  // saved cell state at (t, 0, d)
+    const Acc<S>* __restrict__ c_prev, int64_t cp_rs,  // previous cell state: cs at the previous step, or c0
+    Acc<S>* __restrict__ dh,                        // [n, H] in: dL/dh after this step; consumed
+    Acc<S>* __restrict__ dc,                        // [n, H] in/out: dL/dc after -> before this step
     S* __restrict__ dg,                             // COPY: [n, 4H] out, gate gradients for the GEMM
     S* __restrict__ dgates) {                       // dgates at (t, 0, d) (row stride g_rs)
+  using A = Acc<S>;
   const int64_t G = 4 * H;
   for (int64_t r = 0; r < n; ++r) {
     const int64_t b = rows[r];
     const S* __restrict__ a = gates + b * g_rs;
-    const S* __restrict__ cr = cs + b * rs;
-    const S* __restrict__ cp = c_prev + b * cp_rs;
+    const A* __restrict__ cr = cs + b * rs;
+    const A* __restrict__ cp = c_prev + b * cp_rs;
     const S* __restrict__ dor = PROJ ? nullptr : dout + b * rs;
-    S* __restrict__ dhr = dh + r * H;
-    S* __restrict__ dcr = dc + r * H;
+    A* __restrict__ dhr = dh + r * H;
+    A* __restrict__ dcr = dc + r * H;
     S* __restrict__ dgr = COPY ? dg + r * G : nullptr;
     S* __restrict__ dgo = dgates + b * g_rs;
     SIMD_LOOP
     for (int64_t j = 0; j < H; ++j) {
-      S i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
-      S tc = tanh_act(cr[j]);
-      S dht = dhr[j];
-      if constexpr (!PROJ) dht += dor[j];
-      S dct = dcr[j] + dht * o * (S(1) - tc * tc);
-      S di = dct * g * (i * (S(1) - i));
-      S df = dct * cp[j] * (f * (S(1) - f));
-      S dgg = dct * i * (S(1) - g * g);
-      S d_o = dht * tc * (o * (S(1) - o));
+      A i = widen(a[j]), f = widen(a[H + j]), g = widen(a[2 * H + j]), o = widen(a[3 * H + j]);
+      A tc = tanh_act(cr[j]);
+      A dht = dhr[j];
+      if constexpr (!PROJ) dht += widen(dor[j]);
+      A dct = dcr[j] + dht * o * (A(1) - tc * tc);
+      S di = narrow_to<S>(dct * g * (i * (A(1) - i)));
+      S df = narrow_to<S>(dct * cp[j] * (f * (A(1) - f)));
+      S dgg = narrow_to<S>(dct * i * (A(1) - g * g));
+      S d_o = narrow_to<S>(dht * tc * (o * (A(1) - o)));
       dcr[j] = dct * f;
       if constexpr (COPY) {
         dgr[j] = di;
@@ -113,12 +122,12 @@ static ALWAYS_INLINE void backward_rows(
 }
 
 // One specialised loop per flag combination, chosen here, outside the loops.
-template <typename S, typename... Args>
+template <typename S, typename GX, typename... Args>
 static ALWAYS_INLINE void forward_rows_for(bool save, bool proj, Args... args) {
   if (save)
-    proj ? forward_rows<S, true, true>(args...) : forward_rows<S, true, false>(args...);
+    proj ? forward_rows<S, GX, true, true>(args...) : forward_rows<S, GX, true, false>(args...);
   else
-    proj ? forward_rows<S, false, true>(args...) : forward_rows<S, false, false>(args...);
+    proj ? forward_rows<S, GX, false, true>(args...) : forward_rows<S, GX, false, false>(args...);
 }
 template <typename S, typename... Args>
 static ALWAYS_INLINE void backward_rows_for(bool proj, bool copy, Args... args) {
@@ -128,52 +137,34 @@ static ALWAYS_INLINE void backward_rows_for(bool proj, bool copy, Args... args) 
     proj ? backward_rows<S, true, false>(args...) : backward_rows<S, false, false>(args...);
 }
 
-// The multiversioned entry points (target_clones wants plain functions, not templates). Without
-// gates (nullptr) the forward is the inference variant.
-MULTI_TARGET void forward_rows_f32(int64_t n, const int64_t* rows, int64_t H, const float* gx,
-                                   const int64_t* gx_rows, int64_t gx_rs, const float* bias, const float* hw, float* h,
-                                   float* c, float* out, int64_t rs, float* gates, int64_t g_rs, float* cs, bool proj) {
-  forward_rows_for<float>(gates != nullptr, proj, n, rows, H, gx, gx_rows, gx_rs, bias, hw, h, c, out, rs, gates, g_rs,
-                          cs);
-}
-MULTI_TARGET void forward_rows_f64(int64_t n, const int64_t* rows, int64_t H, const double* gx,
-                                   const int64_t* gx_rows, int64_t gx_rs, const double* bias, const double* hw, double* h,
-                                   double* c, double* out, int64_t rs, double* gates, int64_t g_rs, double* cs, bool proj) {
-  forward_rows_for<double>(gates != nullptr, proj, n, rows, H, gx, gx_rows, gx_rs, bias, hw, h, c, out, rs, gates, g_rs,
-                           cs);
-}
-MULTI_TARGET void backward_rows_f32(int64_t n, const int64_t* rows, int64_t H, const float* dout, int64_t rs,
-                                    const float* gates, int64_t g_rs, const float* cs, const float* c_prev,
-                                    int64_t cp_rs, float* dh, float* dc, float* dg, float* dgates, bool proj) {
-  backward_rows_for<float>(proj, dg != nullptr, n, rows, H, dout, rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg,
-                         dgates);
-}
-MULTI_TARGET void backward_rows_f64(int64_t n, const int64_t* rows, int64_t H, const double* dout, int64_t rs,
-                                    const double* gates, int64_t g_rs, const double* cs, const double* c_prev,
-                                    int64_t cp_rs, double* dh, double* dc, double* dg, double* dgates, bool proj) {
-  backward_rows_for<double>(proj, dg != nullptr, n, rows, H, dout, rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg,
-                         dgates);
-}
+// The multiversioned entry points (target_clones wants plain functions, not templates), one per
+// (storage type, input projection type). Without gates (nullptr) the forward is the inference variant.
+#define FORWARD_ROWS(S, GX)                                                                                        \
+  MULTI_TARGET void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const GX* gx, const int64_t* gx_rows, \
+                                     int64_t gx_rs, const Acc<S>* bias, const Acc<S>* hw, S* h, Acc<S>* c, S* out,   \
+                                     int64_t rs, S* gates, int64_t g_rs, Acc<S>* cs, bool proj) {                    \
+    forward_rows_for<S, GX>(gates != nullptr, proj, n, rows, H, gx, gx_rows, gx_rs, bias, hw, h, c, out, rs, gates,  \
+                            g_rs, cs);                                                                               \
+  }
+FORWARD_ROWS(float, float)
+FORWARD_ROWS(double, double)
+FORWARD_ROWS(c10::BFloat16, c10::BFloat16)
+FORWARD_ROWS(c10::BFloat16, float)
+FORWARD_ROWS(c10::Half, c10::Half)
+FORWARD_ROWS(c10::Half, float)
+#undef FORWARD_ROWS
 
-void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const float* gx, const int64_t* gx_rows,
-                             int64_t gx_rs, const float* bias, const float* hw, float* h, float* c, float* out,
-                             int64_t rs, float* gates, int64_t g_rs, float* cs, bool proj) {
-  forward_rows_f32(n, rows, H, gx, gx_rows, gx_rs, bias, hw, h, c, out, rs, gates, g_rs, cs, proj);
-}
-void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const double* gx, const int64_t* gx_rows,
-                             int64_t gx_rs, const double* bias, const double* hw, double* h, double* c,
-                             double* out, int64_t rs, double* gates, int64_t g_rs, double* cs, bool proj) {
-  forward_rows_f64(n, rows, H, gx, gx_rows, gx_rs, bias, hw, h, c, out, rs, gates, g_rs, cs, proj);
-}
-void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const float* dout, int64_t rs,
-                              const float* gates, int64_t g_rs, const float* cs, const float* c_prev, int64_t cp_rs,
-                              float* dh, float* dc, float* dg, float* dgates, bool proj) {
-  backward_rows_f32(n, rows, H, dout, rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, dgates, proj);
-}
-void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const double* dout, int64_t rs,
-                              const double* gates, int64_t g_rs, const double* cs, const double* c_prev,
-                              int64_t cp_rs, double* dh, double* dc, double* dg, double* dgates, bool proj) {
-  backward_rows_f64(n, rows, H, dout, rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, dgates, proj);
-}
+#define BACKWARD_ROWS(S)                                                                                           \
+  MULTI_TARGET void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const S* dout, int64_t rs,         \
+                                      const S* gates, int64_t g_rs, const Acc<S>* cs, const Acc<S>* c_prev,         \
+                                      int64_t cp_rs, Acc<S>* dh, Acc<S>* dc, S* dg, S* dgates, bool proj) {         \
+    backward_rows_for<S>(proj, dg != nullptr, n, rows, H, dout, rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg,     \
+                         dgates);                                                                                   \
+  }
+BACKWARD_ROWS(float)
+BACKWARD_ROWS(double)
+BACKWARD_ROWS(c10::BFloat16)
+BACKWARD_ROWS(c10::Half)
+#undef BACKWARD_ROWS
 
 }  // namespace bilstm_native

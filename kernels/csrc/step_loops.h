@@ -7,27 +7,38 @@
 
 namespace bilstm_native {
 
-// Forward: one step of n running rows (see forward_rows in step_loops.cpp). Without gates
-// (nullptr) it is the inference variant; proj: o * tanh(c) goes to h only, for the projection.
-void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const float* gx, const int64_t* gx_rows,
-                      int64_t gx_rs, const float* bias, const float* hw, float* h, float* c, float* out,
-                      int64_t rs, float* gates, int64_t g_rs, float* cs, bool proj);
-void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const double* gx, const int64_t* gx_rows,
-                      int64_t gx_rs, const double* bias, const double* hw, double* h, double* c,
-                      double* out, int64_t rs, double* gates, int64_t g_rs, double* cs, bool proj);
+// Forward: one step of n running rows (see forward_rows in step_loops.cpp), for each storage
+// type S and input projection type GX (S, or Acc<S> where a task projected its input itself).
+// Without gates (nullptr) it is the inference variant; proj: o * tanh(c) goes to h only, for
+// the projection.
+#define DECLARE_FORWARD_ROWS(S, GX)                                                                             \
+  void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const GX* gx, const int64_t* gx_rows,         \
+                        int64_t gx_rs, const Acc<S>* bias, const Acc<S>* hw, S* h, Acc<S>* c, S* out, int64_t rs, \
+                        S* gates, int64_t g_rs, Acc<S>* cs, bool proj);
+DECLARE_FORWARD_ROWS(float, float)
+DECLARE_FORWARD_ROWS(double, double)
+DECLARE_FORWARD_ROWS(c10::BFloat16, c10::BFloat16)
+DECLARE_FORWARD_ROWS(c10::BFloat16, float)
+DECLARE_FORWARD_ROWS(c10::Half, c10::Half)
+DECLARE_FORWARD_ROWS(c10::Half, float)
+#undef DECLARE_FORWARD_ROWS
+
 // Backward: one step of n running rows (see backward_rows in step_loops.cpp). Without dg
 // (nullptr) the gate gradients go to dgates only.
-void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const float* dout, int64_t rs,
-                       const float* gates, int64_t g_rs, const float* cs, const float* c_prev, int64_t cp_rs,
-                       float* dh, float* dc, float* dg, float* dgates, bool proj);
-void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const double* dout, int64_t rs,
-                       const double* gates, int64_t g_rs, const double* cs, const double* c_prev,
-                       int64_t cp_rs, double* dh, double* dc, double* dg, double* dgates, bool proj);
+#define DECLARE_BACKWARD_ROWS(S)                                                                                \
+  void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const S* dout, int64_t rs, const S* gates,   \
+                         int64_t g_rs, const Acc<S>* cs, const Acc<S>* c_prev, int64_t cp_rs, Acc<S>* dh,        \
+                         Acc<S>* dc, S* dg, S* dgates, bool proj);
+DECLARE_BACKWARD_ROWS(float)
+DECLARE_BACKWARD_ROWS(double)
+DECLARE_BACKWARD_ROWS(c10::BFloat16)
+DECLARE_BACKWARD_ROWS(c10::Half)
+#undef DECLARE_BACKWARD_ROWS
 
 // Projection, backward: dh += dout for the n running rows ([n, P]; exact, so any vector width
 // gives the same bits), also stored as the step's dh output, the gradient of the projected h.
 template <typename S>
-static void add_dout(int64_t n, const int64_t* rows, int64_t P, const S* __restrict__ dout, int64_t rs,
+inline void add_dout(int64_t n, const int64_t* rows, int64_t P, const S* __restrict__ dout, int64_t rs,
                      S* __restrict__ dh, S* __restrict__ dh_out) {
   for (int64_t r = 0; r < n; ++r) {
     const S* __restrict__ dor = dout + rows[r] * rs;
@@ -38,6 +49,22 @@ static void add_dout(int64_t n, const int64_t* rows, int64_t P, const S* __restr
       const S v = dhr[j] + dor[j];
       dhr[j] = v;
       dho[j] = v;
+    }
+  }
+}
+
+// dst[j] = src[j] for j < n, converted between a storage type and its Acc (rounding to nearest
+// even where it narrows).
+template <typename To, typename From>
+inline void convert(int64_t n, const From* __restrict__ src, To* __restrict__ dst) {
+  if constexpr (std::is_same_v<To, From>) {
+    std::memcpy(dst, src, n * sizeof(To));
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      if constexpr (is_reduced<To>)
+        dst[j] = narrow_to<To>(src[j]);
+      else
+        dst[j] = widen(src[j]);
     }
   }
 }
