@@ -45,17 +45,17 @@ lint:
 	$(PYTHON) -m ruff check .
 
 mnist: setup
-	$(PYTHON) -m bilstm_fast.train_mnist --impl fast --save runs/mnist_bilstm.pt --out runs
+	$(PYTHON) -m bilstm_fast.apps.train_mnist --impl fast --save runs/mnist_bilstm.pt --out runs
 
 # nn.LSTM and FastBiLSTM from the same weights and batches, plus nn.LSTM one ulp off as a control
 mnist-compare: setup
-	$(PYTHON) -m bilstm_fast.train_mnist --compare --control --out runs
+	$(PYTHON) -m bilstm_fast.apps.train_mnist --compare --control --out runs
 
 bench: setup
 	$(PYTHON) benchmarks/run.py
 
 textgen: setup
-	$(PYTHON) -m bilstm_fast.textgen --impl fast --epochs 100 --save runs/jokes.pt --prompt "Why do programmers" --next-words 40
+	$(PYTHON) -m bilstm_fast.apps.textgen --impl fast --epochs 100 --save runs/jokes.pt --prompt "Why do programmers" --next-words 40
 
 # A GPU machine with torch/triton preinstalled and no network (so no `setup`): CUDA parity suite,
 # all tests, schedule timings and benchmarks, every log and result into $(OUT)

@@ -18,7 +18,7 @@ PACKAGE = dict(
     description="A drop-in, Triton-accelerated bidirectional LSTM for PyTorch",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=["bilstm_fast", "bilstm_fast.kernels"],
+    packages=["bilstm_fast", "bilstm_fast.apps", "bilstm_fast.kernels"],
     package_dir={"bilstm_fast": "bilstm_fast", "bilstm_fast.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy>=1.24"],

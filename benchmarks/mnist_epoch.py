@@ -36,8 +36,8 @@ CHUNK = 10  # steps an implementation runs before the next takes its turn
 def run_mnist(args, device, impls, log):
     """Seconds per training epoch of the MNIST classifier (batch 64, Adam) per implementation.
     With --mnist-steps N, N steps are timed after warm-up and scaled to a full epoch."""
-    from bilstm_fast.data import DeviceBatches, find_mnist
-    from bilstm_fast.train_mnist import build_model, train_step
+    from bilstm_fast.apps.data import DeviceBatches, find_mnist
+    from bilstm_fast.apps.train_mnist import build_model, train_step
 
     (train_x, train_y, _, _), source = find_mnist(args.mnist_data)
     batch_size, warmup = 64, 3

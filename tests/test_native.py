@@ -294,4 +294,5 @@ def test_a_failed_compile_still_builds_the_package(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "bilstm_fast/kernels/native.py" in names and "bilstm_fast/kernels/vectorized.py" in names
+    assert "bilstm_fast/apps/train_mnist.py" in names  # the applications ship with the library
     assert not any("_native" in n for n in names)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bilstm_fast import FastBiLSTM
-from bilstm_fast.textgen import (
+from bilstm_fast.apps.textgen import (
     UnknownWordError,
     Vocabulary,
     WordLSTM,

@@ -1,12 +1,12 @@
-"""Word-level LSTM text generation on one-line jokes: `python -m bilstm_fast.textgen`.
+"""Word-level LSTM text generation on one-line jokes: `python -m bilstm_fast.apps.textgen`.
 
 The classic small example: Embedding(V, 128) -> 3-layer unidirectional LSTM(128, dropout 0.2)
 -> Linear(128, V), trained on windows of 4 words to predict the same window shifted by one
 word. It exercises what the MNIST classifier does not: bidirectional=False, an embedding
 input, and stateful generation that feeds one word per call (T=1) while carrying (h, c).
 
-    python -m bilstm_fast.textgen --epochs 60 --save jokes.pt
-    python -m bilstm_fast.textgen --load jokes.pt --prompt "Why do" --next-words 20 --seed 1
+    python -m bilstm_fast.apps.textgen --epochs 60 --save jokes.pt
+    python -m bilstm_fast.apps.textgen --load jokes.pt --prompt "Why do" --next-words 20 --seed 1
 
 `--impl torch` builds the same model on nn.LSTM; checkpoints load into either.
 The default corpus is the English jokes bundled in `pyjokes` (offline); `--data FILE` reads a
@@ -26,7 +26,7 @@ from torch import nn
 from bilstm_fast.kernels import BACKENDS
 from bilstm_fast.module import FastBiLSTM
 
-CHECKPOINT_FORMAT = "bilstm_fast.textgen/1"
+CHECKPOINT_FORMAT = "bilstm_fast.textgen/1"  # a format tag saved in checkpoints, kept across the move to apps/
 
 
 # --- corpus and vocabulary ---------------------------------------------------------------
@@ -267,7 +267,7 @@ def load_checkpoint(path, impl="fast", backend="auto", device="cpu"):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bilstm_fast.textgen", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bilstm_fast.apps.textgen", description=__doc__.split("\n")[0])
     p.add_argument("--impl", choices=("fast", "torch"), default="fast",
                    help="FastBiLSTM (bilstm_fast) or nn.LSTM")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="FastBiLSTM backend")

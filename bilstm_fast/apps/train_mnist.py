@@ -1,9 +1,9 @@
 """Train the classic row-by-row BiLSTM MNIST classifier with FastBiLSTM or nn.LSTM.
 
-    python -m bilstm_fast.train_mnist                        # FastBiLSTM: batch 64, Adam 1e-3, 3 epochs
-    python -m bilstm_fast.train_mnist --impl torch           # the same model on nn.LSTM
-    python -m bilstm_fast.train_mnist --compare --out DIR    # both, same weights, same batches
-    torchrun --nproc_per_node 2 -m bilstm_fast.train_mnist   # DistributedDataParallel, a shard per rank
+    python -m bilstm_fast.apps.train_mnist                       # FastBiLSTM: batch 64, Adam 1e-3, 3 epochs
+    python -m bilstm_fast.apps.train_mnist --impl torch          # the same model on nn.LSTM
+    python -m bilstm_fast.apps.train_mnist --compare --out DIR   # both, same weights, same batches
+    torchrun --nproc_per_node 2 -m bilstm_fast.apps.train_mnist  # DistributedDataParallel, a shard per rank
 
 Each image is a sequence of 28 rows of 28 pixels; the classifier reads the BiLSTM's output at
 the last time step. `--save` writes a state_dict that loads into either implementation.
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bilstm_fast.data import DeviceBatches, find_mnist
+from bilstm_fast.apps.data import DeviceBatches, find_mnist
 from bilstm_fast.module import FastBiLSTM
 
 IMPLS = ("fast", "torch")
@@ -461,11 +461,11 @@ def command_line(argv):
             arg = option + "=<path>"
         hide_next = arg in PATH_OPTIONS
         shown.append(arg)
-    return " ".join(["python -m bilstm_fast.train_mnist", *shown])
+    return " ".join(["python -m bilstm_fast.apps.train_mnist", *shown])
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m bilstm_fast.train_mnist", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bilstm_fast.apps.train_mnist", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--impl", choices=IMPLS, default="fast", help="FastBiLSTM or nn.LSTM")
     p.add_argument("--compare", action="store_true", help="train both implementations side by side")
