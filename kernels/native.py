@@ -58,6 +58,15 @@ def simd_level():
     return _native.simd_level() if _native is not None else None
 
 
+def bf16_gemm():
+    """How bf16 step GEMMs run on this CPU (for the benchmark's machine line), or None unbuilt."""
+    if _native is None:
+        return None
+    if _native.vnni_brgemm():
+        return "oneDNN brgemm on VNNI-packed weights"
+    return "fp32 GEMM on widened operands (no bf16 brgemm here)"
+
+
 def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True, w_hr=None):
     if w_hr is not None and gx.dtype in REDUCED:
         return vectorized.recurrence_forward(gx, w_hh, h0, c0, lengths, save=save, w_hr=w_hr)

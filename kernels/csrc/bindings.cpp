@@ -4,6 +4,7 @@
 #include <string>
 
 #include "native.h"
+#include "step_gemm.h"  // vnni_brgemm_usable
 
 namespace bilstm_native {
 
@@ -38,6 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dgates"), py::arg("x"), py::arg("h_prev"), py::arg("w_ih"), py::arg("need_dx"), py::arg("need_w_ih"),
         py::arg("need_w_hh"), py::arg("need_bias"), py::call_guard<py::gil_scoped_release>());
   m.def("simd_level", &bilstm_native::simd_level, "the instruction-set level the fused loops run at on this CPU");
+  m.def("vnni_brgemm", &bilstm_native::vnni_brgemm_usable,
+        "whether bf16 step GEMMs run ATen's brgemm on VNNI-packed weights here (else fp32 GEMMs on widened operands)");
   m.def("openmp", []() {
 #ifdef _OPENMP
     return true;
