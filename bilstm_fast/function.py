@@ -39,7 +39,7 @@ def input_projection(x, w_ih, bias):
     if bias is None:
         gx = torch.mm(x2d, w_ih2d.t())
     else:
-        gx = torch.addmm(bias.reshape(D * G), x2d, w_ih2d.t())
+        gx = torch.addmm(bias.reshape(D * G).to(x.dtype), x2d, w_ih2d.t())
     return gx.view(T, B, D, G)
 
 
@@ -82,7 +82,10 @@ def split_directions(params, D):
     if n_bias == 1:
         bias = stack([group[2] for group in groups])
     elif n_bias:
-        bias = stack([sum(group[2:2 + n_bias]) for group in groups])
+        # bf16/fp16 weights: b_ih + b_hh in fp32 (a backend that adds the bias in fp32 keeps it
+        # unrounded, as oneDNN does); fp32 and fp64 as they are
+        acc = torch.promote_types(groups[0][2].dtype, torch.float32)
+        bias = stack([sum(b.to(acc) for b in group[2:2 + n_bias]) for group in groups])
     return w_ih, w_hh, bias, w_hr
 
 
@@ -235,13 +238,16 @@ def input_and_weight_gradients(backend, dgates, x, h_prev, w_ih, need_dx, need_w
         return dx, flat[0::3], flat[1::3], flat[2::3]
     T, B, D, G = dgates.shape
     I = x.shape[2]
+    # a backend may keep the gate gradients in fp32 for bf16/fp16 weights (contract.py gates_dtype):
+    # the GEMMs multiply them in the weights' dtype, the bias gradient sums them as they are
+    dgates_acc, dgates = dgates, dgates.to(w_ih.dtype)
     dx = torch.mm(dgates.view(T * B, D * G), w_ih.reshape(D * G, I)).view(T, B, I) if need_dx else None
     dw_ih, dw_hh, db = [], [], []
     for d in range(D):
         dgates_d = dgates[:, :, d].reshape(T * B, G)
         dw_ih.append(sum_over_rows(dgates_d, x.reshape(T * B, I)) if need_w_ih[d] else None)
         dw_hh.append(sum_over_rows(dgates_d, h_prev[:, :, d].reshape(T * B, h_prev.shape[3])) if need_w_hh[d] else None)
-        db.append(dgates_d.sum(0) if need_bias[d] else None)
+        db.append(dgates_acc[:, :, d].reshape(T * B, G).sum(0).to(w_ih.dtype) if need_bias[d] else None)
     return dx, dw_ih, dw_hh, db
 
 

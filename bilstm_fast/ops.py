@@ -5,8 +5,8 @@ The fake implementations give the compiler (and the meta device) output shapes a
 without running anything; the vmap rules let torch.func transforms (jacrev, vmap) batch them.
 
 Projection (proj_size > 0, `w_hr`) is an optional extra of the backend contract: a backend
-module that sets `SUPPORTS_PROJECTION = True` receives `w_hr=`; layers with a projection on
-any other backend run on the vectorized one.
+module that sets `SUPPORTS_PROJECTION = True` receives `w_hr=` (in its PROJECTION_DTYPES, if it
+lists them); layers with a projection on any other backend or dtype run on the vectorized one.
 """
 from typing import Optional
 
@@ -19,9 +19,17 @@ from bilstm_fast.kernels.vectorized import state_dtype
 
 def _backend(backend, device, dtype, w_hr):
     rec = recurrence_module(resolve_backend(backend, device, dtype))
-    if w_hr is not None and not getattr(rec, "SUPPORTS_PROJECTION", False):
+    if w_hr is not None and not (
+        getattr(rec, "SUPPORTS_PROJECTION", False) and dtype in getattr(rec, "PROJECTION_DTYPES", (dtype,))
+    ):
         rec = recurrence_module("vectorized")
     return rec
+
+
+def _gates_dtype(backend, device, dtype, w_hr):
+    """The dtype a backend saves the gates in (contract.py `gates_dtype`; the input dtype by default)."""
+    rec = _backend(backend, device, dtype, w_hr)
+    return rec.gates_dtype(dtype) if hasattr(rec, "gates_dtype") else dtype
 
 
 def _forward(gx, w_hh, h0, c0, lengths, backend, w_hr, save):
@@ -45,7 +53,7 @@ def _(gx, w_hh, h0, c0, lengths, backend, w_hr=None):
     H = G // 4
     P = h0.shape[-1]  # = H without projection
     out = gx.new_empty(T, B, D, P)
-    gates = gx.new_empty(T, B, D, G)
+    gates = gx.new_empty(T, B, D, G, dtype=_gates_dtype(backend, gx.device, gx.dtype, w_hr))
     cs = gx.new_empty(T, B, D, H, dtype=state_dtype(gx.dtype))
     return out, gx.new_empty(D, B, P), gx.new_empty(D, B, H), gates, cs
 

@@ -13,7 +13,8 @@ two functions below, of the module that `kernels.recurrence_module(name)` return
         lengths None, or int64 [B] on gx's device with 1 <= lengths <= T
         out     [T, B, D, H]   zero where t >= lengths[b]
         h_n/c_n [D, B, H]      state after each sequence's last valid step
-        gates   [T, B, D, 4H]  activated gates (sigmoid i, f, o; tanh g), saved for backward
+        gates   [T, B, D, 4H]  activated gates (sigmoid i, f, o; tanh g), saved for backward, in
+                               gx.dtype, or in the module's gates_dtype(gx.dtype) where it has one
         cs      [T, B, D, H]   cell state after each step, in state_dtype(gx.dtype); where
                                t >= lengths[b] it holds the carried state (the final one going
                                forward, c0 going back), so the previous cell state is always the
@@ -23,7 +24,8 @@ two functions below, of the module that `kernels.recurrence_module(name)` return
 
     recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths) -> dgates, dh0, dc0
         dgates  [T, B, D, 4H]  gradient w.r.t. the pre-activation gates (= d gx), zero where
-                               t >= lengths[b]
+                               t >= lengths[b]; in the saved gates' dtype (the native backend
+                               keeps both in fp32 for bf16/fp16 input: kernels/native.py)
         dh0, dc0 [D, B, H]     in state_dtype of the input dtype
 
 Direction d = 0 runs t = 0 .. T-1, d = 1 (when D = 2) runs t = len_b-1 .. 0: time is indexed

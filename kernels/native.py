@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from . import vectorized
+from .contract import state_dtype
 
 
 def _load():
@@ -38,10 +38,16 @@ _native, UNAVAILABLE_REASON = _load()
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # bf16 and fp16 (see kernels/csrc/activations.h): GEMM operands in the input dtype with fp32
 # accumulation, gates, cell state and nonlinearities in fp32, h rounded to the input dtype where
-# the next step's GEMM reads it. Layers with a projection run the vectorized recurrence there.
-REDUCED = (torch.bfloat16, torch.float16)
+# the next step's GEMM reads it. The saved gates and the gate gradients stay in fp32
+# (gates_dtype), so the weight and bias gradients are formed from unrounded values.
 
-SUPPORTS_PROJECTION = True  # the optional projection extra of the contract (contract.py)
+SUPPORTS_PROJECTION = True  # the optional projection extra of the contract (contract.py),
+PROJECTION_DTYPES = (torch.float32, torch.float64)  # in these dtypes; bf16/fp16 layers with one run vectorized
+
+
+def gates_dtype(dtype):
+    """The dtype of the saved gates and of the gate gradients (contract.py)."""
+    return state_dtype(dtype)
 
 
 def available():
@@ -68,8 +74,6 @@ def bf16_gemm():
 
 
 def recurrence_forward(gx, w_hh, h0, c0, lengths=None, save=True, w_hr=None):
-    if w_hr is not None and gx.dtype in REDUCED:
-        return vectorized.recurrence_forward(gx, w_hh, h0, c0, lengths, save=save, w_hr=w_hr)
     out, h_n, c_n, gates, cs = _native.recurrence_forward(gx, w_hh, h0, c0, lengths, save, w_hr)
     if not save:
         gates = cs = None
@@ -93,6 +97,4 @@ def layer_gradients(dgates, x, h_prev, w_ih, need_dx, need_w_ih, need_w_hh, need
 
 def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None, w_hr=None):
     """-> dgates, dh0, dc0, and with a projection (w_hr) the gradient dh [T, B, D, P] too."""
-    if w_hr is not None and gates.dtype in REDUCED:
-        return vectorized.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, w_hr=w_hr)
     return tuple(_native.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, w_hr))

@@ -61,14 +61,14 @@ def assert_same_state(before, after):
 @pytest.mark.parametrize("mode", ["train", "eval", "autocast-bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("bidirectional", [True, False], ids=["bi", "uni"])
-def test_no_global_state_changes(dtype, mode, bidirectional):
+def test_no_global_state_changes(dtype, mode, bidirectional, backend):
     """fp16/bf16 matmuls on strided views made oneDNN fail; PyTorch then printed "mkldnn_matmul
     failed, switching to baddbmm" and set torch.backends.mkldnn.enabled = False for the whole
     process (after which nn.LSTM itself returned fp32 under bf16 autocast)."""
     if mode == "autocast-bf16" and dtype != torch.float32:
         pytest.skip("autocast takes fp32 modules")
     torch.manual_seed(0)
-    model = FastBiLSTM(16, 32, num_layers=2, bidirectional=bidirectional, backend="vectorized").to(dtype)
+    model = FastBiLSTM(16, 32, num_layers=2, bidirectional=bidirectional, backend=backend).to(dtype)
     x = torch.randn(20, 8, 16, dtype=dtype, requires_grad=True)
     lengths = torch.tensor([20, 17, 15, 9, 9, 4, 2, 1])
     packed = nn.utils.rnn.pack_padded_sequence(x, lengths)

@@ -22,8 +22,9 @@ namespace bilstm_native {
 // takes it back through the projection (one GEMM, dh @ W_hr, into a [rows, H] buffer) and runs the
 // fused loop on the result; dh = dgates @ W_hh then gives the previous step's P-wide dh as before.
 
-// Types: dout, the saved gates and dgates in the storage type S; the cell states (cs, c0), the
-// carried state gradients and dh0, dc0 in Acc<S>. With bf16 or fp16 no projection.
+// Types: dout in the storage type S; the saved gates and cell states (cs, c0), the carried state
+// gradients, dgates and dh0, dc0 in Acc<S>: the weight and bias gradients are formed from unrounded
+// gate gradients (with bf16 ones, the bias gradient of H=1 was 1.5x nn.LSTM's error). With bf16 or fp16 no projection.
 template <typename S>
 static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const at::Tensor& dc_n,
                           const at::Tensor& w_hh, const at::Tensor& w_hr, const at::Tensor& gates,
@@ -37,12 +38,12 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const 
   const int64_t g_rs = D * G, c_rs = D * H, h_rs = D * P;  // row strides: gates, cs, dout (and dhs)
   const int64_t g_ts = B * g_rs, c_ts = B * c_rs, h_ts = B * h_rs;
   const S* dout_p = dout.data_ptr<S>();
-  const S* gates_p = gates.data_ptr<S>();
+  const A* gates_p = gates.data_ptr<A>();
   const A* cs_p = cs.data_ptr<A>();
   const A* c0_p = c0.data_ptr<A>();
   const A* dhn_p = dh_n.data_ptr<A>();
   const A* dcn_p = dc_n.data_ptr<A>();
-  S* dgates_p = dgates.data_ptr<S>();
+  A* dgates_p = dgates.data_ptr<A>();
   A* dh0_p = dh0.data_ptr<A>();
   A* dc0_p = dc0.data_ptr<A>();
   S* dhs_p = proj ? dhs.data_ptr<S>() : nullptr;
@@ -60,8 +61,8 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const 
     at::Tensor dc = at::empty({nr, H}, acc_options);
     // rows in batch order: the step GEMM reads the gate gradients from dgates itself (row stride
     // D * 4H), else from a copy the loop also stores in task order
-    const bool in_order = task.in_batch_order();
-    at::Tensor dg = in_order ? at::Tensor() : at::empty({nr, G}, gates.options());
+    const bool in_order = !is_reduced<S> && task.in_batch_order();
+    at::Tensor dg = in_order ? at::Tensor() : at::empty({nr, G}, dout.options());
     // with a projection, the gradient of o * tanh(c): du = dh @ W_hr [nr, H]
     at::Tensor du = proj ? at::empty({nr, H}, acc_options) : dh;
     A* dh_p = dh.data_ptr<A>();
@@ -102,7 +103,7 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const 
       }
       // rows past their end: no gate gradient (nor dh); the state gradients pass through untouched
       for (int64_t r = n; r < nr; ++r) {
-        std::memset(dgates_p + t * g_ts + rows[r] * g_rs + d * G, 0, G * sizeof(S));
+        std::memset(dgates_p + t * g_ts + rows[r] * g_rs + d * G, 0, G * sizeof(A));
         if (proj) std::memset(dhs_p + t * h_ts + rows[r] * h_rs + d * P, 0, P * sizeof(S));
       }
     }
@@ -120,9 +121,9 @@ std::vector<at::Tensor> recurrence_backward(const at::Tensor& dout_in, const at:
                                             const at::Tensor& c0_in, const c10::optional<at::Tensor>& lengths,
                                             const c10::optional<at::Tensor>& w_hr_in) {
   check_inputs(gates_in, w_hh_in, w_hr_in);
-  const auto opts = gates_in.options();
-  const auto dt = gates_in.scalar_type(), acc = acc_dtype(dt);
-  at::Tensor gates = gates_in.contiguous();
+  const auto dt = dout_in.scalar_type(), acc = acc_dtype(dt);
+  const auto opts = dout_in.options();
+  at::Tensor gates = gates_in.to(acc).contiguous();
   at::Tensor cs = cs_in.to(acc).contiguous();
   at::Tensor dout = dout_in.to(dt).contiguous();
   at::Tensor dh_n = dh_n_in.to(acc).contiguous();
@@ -135,7 +136,7 @@ std::vector<at::Tensor> recurrence_backward(const at::Tensor& dout_in, const at:
   TORCH_CHECK(dout.sizes() == at::IntArrayRef({T, B, D, P}) && dh_n.sizes() == at::IntArrayRef({D, B, P}) &&
                   dc_n.sizes() == at::IntArrayRef({D, B, H}),
               "native recurrence: dout must be [T, B, D, P], dh_n [D, B, P] and dc_n [D, B, H]");
-  at::Tensor dgates = at::empty({T, B, D, G}, opts);
+  at::Tensor dgates = at::empty({T, B, D, G}, opts.dtype(acc));
   at::Tensor dh0 = at::empty({D, B, P}, opts.dtype(acc));
   at::Tensor dc0 = at::empty({D, B, H}, opts.dtype(acc));
   at::Tensor dhs = w_hr.defined() ? at::empty({T, B, D, P}, opts) : at::Tensor();
@@ -197,8 +198,11 @@ std::vector<at::Tensor> layer_gradients(const at::Tensor& dgates_in, const at::T
   TORCH_CHECK(static_cast<int64_t>(need_w_ih.size()) == D && static_cast<int64_t>(need_w_hh.size()) == D &&
                   static_cast<int64_t>(need_bias.size()) == D,
               "native layer_gradients: one need flag per direction");
-  const auto dt = dgates_in.scalar_type();
-  at::Tensor dgates = dgates_in.contiguous();
+  // bf16 and fp16: dgates come in fp32 (from recurrence_backward); the GEMMs multiply them rounded
+  // to the weights' dtype, the bias gradient sums them as they are
+  const auto dt = w_ih_in.scalar_type();
+  at::Tensor dgates_acc = dgates_in.to(acc_dtype(dt)).contiguous();
+  at::Tensor dgates = dgates_acc.to(dt);
   at::Tensor x = x_in.to(dt).contiguous().view({n, I});
   at::Tensor h_prev = h_prev_in.has_value() && h_prev_in->defined() ? h_prev_in->to(dt).contiguous() : at::Tensor();
   at::Tensor w_ih = w_ih_in.to(dt).contiguous();
@@ -228,7 +232,8 @@ std::vector<at::Tensor> layer_gradients(const at::Tensor& dgates_in, const at::T
         TORCH_CHECK(h_prev.defined(), "native layer_gradients: h_prev is needed for W_hh's gradient");
         partial[k][1] = sum_over_rows(dg, h_prev.select(2, d).reshape({n, h_prev.size(3)}).narrow(0, first, last - first));
       }
-      if (need_bias[d]) partial[k][2] = at::sum(dg, {0}, /*keepdim=*/false, acc_dtype(dt));
+      if (need_bias[d])
+        partial[k][2] = at::sum(dgates_acc.select(2, d).reshape({n, G}).narrow(0, first, last - first), {0});
     }
   });
   std::vector<at::Tensor> result(1 + 3 * D);

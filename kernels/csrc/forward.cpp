@@ -98,8 +98,8 @@ class ProjectionBlocks {
   int64_t t_lo_ = 0, rows_ = 0;
 };
 
-// Types: out, h_n, c_n and the saved gates in the storage type S, the cell state (c0 in, cs
-// saved) in Acc<S> (see activations.h). With bf16 or fp16 no projection (the Python side runs
+// Types: out, h_n and c_n in the storage type S, the cell state (c0 in, cs saved) and the saved
+// gates in Acc<S> (see activations.h). With bf16 or fp16 no projection (the Python side runs
 // those layers on the vectorized backend).
 template <typename S>
 static void forward_impl(const Projections& input, const at::Tensor& w_hh, const at::Tensor& w_hr, const at::Tensor& h0,
@@ -115,7 +115,7 @@ static void forward_impl(const Projections& input, const at::Tensor& w_hh, const
   const bool fused = !input.gx.defined();
   const S* gx_p = fused ? nullptr : input.gx.data_ptr<S>();
   S* out_p = out.data_ptr<S>();
-  S* gates_p = save ? gates.data_ptr<S>() : nullptr;
+  A* gates_p = save ? gates.data_ptr<A>() : nullptr;
   A* cs_p = save ? cs.data_ptr<A>() : nullptr;
   const S* h0_p = h0.data_ptr<S>();
   const A* c0_p = c0.data_ptr<A>();
@@ -157,7 +157,7 @@ static void forward_impl(const Projections& input, const at::Tensor& w_hh, const
         at::Tensor hw_n = hw.narrow(0, 0, n);
         recurrent.run(h.narrow(0, 0, n), hw_n);
         // the loop's out and cs share the row stride c_rs; with a projection it does not write out
-        S* gates_t = save ? gates_p + t * gx_ts + d * G : nullptr;
+        A* gates_t = save ? gates_p + t * gx_ts + d * G : nullptr;
         A* cs_t = save ? cs_p + t * c_ts + d * H : nullptr;
         if (fused)
           forward_rows_any(n, rows, H, blocks->base(s, t), blocks->index(), blocks->row_stride(), bias.data_ptr<A>(),
@@ -181,7 +181,7 @@ static void forward_impl(const Projections& input, const at::Tensor& w_hh, const
         std::memset(out_t + b * out_rs, 0, P * sizeof(S));
         if (save) {
           std::memcpy(cs_p + t * c_ts + b * c_rs + d * H, c_p + r * H, H * sizeof(A));
-          std::memset(gates_p + t * gx_ts + b * gx_rs + d * G, 0, G * sizeof(S));
+          std::memset(gates_p + t * gx_ts + b * gx_rs + d * G, 0, G * sizeof(A));
         }
       }
     }
@@ -238,7 +238,7 @@ static std::vector<at::Tensor> forward_sweep(const Projections& input, const at:
   at::Tensor c_n = at::empty({D, B, H}, opts);
   at::Tensor gates, cs;
   if (save) {
-    gates = at::empty({T, B, D, G}, opts);
+    gates = at::empty({T, B, D, G}, opts.dtype(acc_dtype(dt)));
     cs = at::empty({T, B, D, H}, opts.dtype(acc_dtype(dt)));
   }
   if (T > 0 && B > 0 && H > 0) {
@@ -283,7 +283,7 @@ std::vector<at::Tensor> layer_forward(const at::Tensor& x, const at::Tensor& w_i
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 2 && bias->size(0) == D && bias->size(1) == 4 * H,
                 "native layer_forward: bias must be [D, 4H]");
-    input.bias = bias->to(dt).contiguous();
+    input.bias = bias->to(acc_dtype(dt)).contiguous();  // bf16/fp16: the fp32 sum of b_ih and b_hh
   }
   return forward_sweep(input, w_hh, c10::nullopt, h0, c0, lengths, save, x.size(0), x.size(1), D, H, x.options());
 }

@@ -17,8 +17,8 @@ namespace bilstm_native {
 // PROJ (nn.LSTM's proj_size): o * tanh(c) is not yet the step's h but the input of the
 // projection GEMM that the caller runs after the loop, so the loop stores it to `h` only.
 //
-// Types: S is the storage type (of out, h and the saved gates), A = Acc<S> the type of the math,
-// the cell state (c, cs), the GEMM results (hw) and the bias; GX, the type of the input
+// Types: S is the storage type (of out and h), A = Acc<S> the type of the math, the cell state
+// (c, cs), the saved gates, the GEMM results (hw) and the bias; GX, the type of the input
 // projections, is S where the caller made them (the contract's gx) and A where a task projected
 // them itself. For fp32 and fp64 all three are one type.
 
@@ -31,7 +31,7 @@ static ALWAYS_INLINE void forward_rows(
     S* __restrict__ h,                        // [n, H] out: o * tanh(c) (the h state unless PROJ)
     Acc<S>* __restrict__ c,                   // [n, H] cell state, updated in place
     S* __restrict__ out, int64_t rs,          // out at (t, 0, d), unused with PROJ; rs: row stride of out and cs
-    S* __restrict__ gates, int64_t g_rs,      // SAVE: gates at (t, 0, d)
+    Acc<S>* __restrict__ gates, int64_t g_rs,  // SAVE: gates at (t, 0, d)
     Acc<S>* __restrict__ cs) {                // SAVE: cs at (t, 0, d) (row stride rs)
   using A = Acc<S>;
   const int64_t G = 4 * H;
@@ -42,7 +42,7 @@ static ALWAYS_INLINE void forward_rows(
     S* __restrict__ hr = h + r * H;
     A* __restrict__ cr = c + r * H;
     S* __restrict__ o_row = PROJ ? nullptr : out + b * rs;
-    S* __restrict__ g_row = SAVE ? gates + b * g_rs : nullptr;
+    A* __restrict__ g_row = SAVE ? gates + b * g_rs : nullptr;
     A* __restrict__ c_row = SAVE ? cs + b * rs : nullptr;
     SIMD_LOOP
     for (int64_t j = 0; j < H; ++j) {
@@ -53,10 +53,10 @@ static ALWAYS_INLINE void forward_rows(
       A cn = f * cr[j] + i * g;
       S hn = narrow_to<S>(o * tanh_act(cn));
       if constexpr (SAVE) {
-        g_row[j] = narrow_to<S>(i);
-        g_row[H + j] = narrow_to<S>(f);
-        g_row[2 * H + j] = narrow_to<S>(g);
-        g_row[3 * H + j] = narrow_to<S>(o);
+        g_row[j] = i;
+        g_row[H + j] = f;
+        g_row[2 * H + j] = g;
+        g_row[3 * H + j] = o;
         c_row[j] = cn;
       }
       cr[j] = cn;
@@ -70,48 +70,49 @@ static ALWAYS_INLINE void forward_rows(
 // wide, before projecting it back through W_hr); without it the loop adds dout itself.
 // COPY: also store the gate gradients to the task's own [n, 4H] buffer dg, for the step GEMM;
 // without it (a task whose rows are the batch rows in order) that GEMM reads them from dgates.
-// Types as forward_rows: the saved gates, dout and the gate gradients in S, the cell states and
-// the carried state gradients (dh, dc) in A.
+// Types as forward_rows: dout and the GEMM's copy of the gate gradients (dg) in S; the saved gates
+// and cell states, the carried state gradients (dh, dc) and dgates in A. With bf16 or fp16 the
+// loop always stores dg (the GEMM multiplies S).
 template <typename S, bool PROJ, bool COPY>
 static ALWAYS_INLINE void backward_rows(
     int64_t n, const int64_t* rows, int64_t H,
     const S* __restrict__ dout, int64_t rs,         // dout at (t, 0, d), unused with PROJ; rs: row stride of dout and cs
-    const S* __restrict__ gates, int64_t g_rs,      // saved activated gates at (t, 0, d)
+    const Acc<S>* __restrict__ gates, int64_t g_rs,  // saved activated gates at (t, 0, d)
     const Acc<S>* __restrict__ cs,                  // saved cell state at (t, 0, d)
     const Acc<S>* __restrict__ c_prev, int64_t cp_rs,  // previous cell state: cs at the previous step, or c0
     Acc<S>* __restrict__ dh,                        // [n, H] in: dL/dh after this step; consumed
     Acc<S>* __restrict__ dc,                        // [n, H] in/out: dL/dc after -> before this step
     S* __restrict__ dg,                             // COPY: [n, 4H] out, gate gradients for the GEMM
-    S* __restrict__ dgates) {                       // dgates at (t, 0, d) (row stride g_rs)
+    Acc<S>* __restrict__ dgates) {                  // dgates at (t, 0, d) (row stride g_rs)
   using A = Acc<S>;
   const int64_t G = 4 * H;
   for (int64_t r = 0; r < n; ++r) {
     const int64_t b = rows[r];
-    const S* __restrict__ a = gates + b * g_rs;
+    const A* __restrict__ a = gates + b * g_rs;
     const A* __restrict__ cr = cs + b * rs;
     const A* __restrict__ cp = c_prev + b * cp_rs;
     const S* __restrict__ dor = PROJ ? nullptr : dout + b * rs;
     A* __restrict__ dhr = dh + r * H;
     A* __restrict__ dcr = dc + r * H;
     S* __restrict__ dgr = COPY ? dg + r * G : nullptr;
-    S* __restrict__ dgo = dgates + b * g_rs;
+    A* __restrict__ dgo = dgates + b * g_rs;
     SIMD_LOOP
     for (int64_t j = 0; j < H; ++j) {
-      A i = widen(a[j]), f = widen(a[H + j]), g = widen(a[2 * H + j]), o = widen(a[3 * H + j]);
+      A i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
       A tc = tanh_act(cr[j]);
       A dht = dhr[j];
       if constexpr (!PROJ) dht += widen(dor[j]);
       A dct = dcr[j] + dht * o * (A(1) - tc * tc);
-      S di = narrow_to<S>(dct * g * (i * (A(1) - i)));
-      S df = narrow_to<S>(dct * cp[j] * (f * (A(1) - f)));
-      S dgg = narrow_to<S>(dct * i * (A(1) - g * g));
-      S d_o = narrow_to<S>(dht * tc * (o * (A(1) - o)));
+      A di = dct * g * (i * (A(1) - i));
+      A df = dct * cp[j] * (f * (A(1) - f));
+      A dgg = dct * i * (A(1) - g * g);
+      A d_o = dht * tc * (o * (A(1) - o));
       dcr[j] = dct * f;
       if constexpr (COPY) {
-        dgr[j] = di;
-        dgr[H + j] = df;
-        dgr[2 * H + j] = dgg;
-        dgr[3 * H + j] = d_o;
+        dgr[j] = narrow_to<S>(di);
+        dgr[H + j] = narrow_to<S>(df);
+        dgr[2 * H + j] = narrow_to<S>(dgg);
+        dgr[3 * H + j] = narrow_to<S>(d_o);
       }
       dgo[j] = di;
       dgo[H + j] = df;
@@ -142,7 +143,7 @@ static ALWAYS_INLINE void backward_rows_for(bool proj, bool copy, Args... args) 
 #define FORWARD_ROWS(S, GX)                                                                                        \
   MULTI_TARGET void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const GX* gx, const int64_t* gx_rows, \
                                      int64_t gx_rs, const Acc<S>* bias, const Acc<S>* hw, S* h, Acc<S>* c, S* out,   \
-                                     int64_t rs, S* gates, int64_t g_rs, Acc<S>* cs, bool proj) {                    \
+                                     int64_t rs, Acc<S>* gates, int64_t g_rs, Acc<S>* cs, bool proj) {                    \
     forward_rows_for<S, GX>(gates != nullptr, proj, n, rows, H, gx, gx_rows, gx_rs, bias, hw, h, c, out, rs, gates,  \
                             g_rs, cs);                                                                               \
   }
@@ -156,8 +157,8 @@ FORWARD_ROWS(c10::Half, float)
 
 #define BACKWARD_ROWS(S)                                                                                           \
   MULTI_TARGET void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const S* dout, int64_t rs,         \
-                                      const S* gates, int64_t g_rs, const Acc<S>* cs, const Acc<S>* c_prev,         \
-                                      int64_t cp_rs, Acc<S>* dh, Acc<S>* dc, S* dg, S* dgates, bool proj) {         \
+                                      const Acc<S>* gates, int64_t g_rs, const Acc<S>* cs, const Acc<S>* c_prev,    \
+                                      int64_t cp_rs, Acc<S>* dh, Acc<S>* dc, S* dg, Acc<S>* dgates, bool proj) {    \
     backward_rows_for<S>(proj, dg != nullptr, n, rows, H, dout, rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg,     \
                          dgates);                                                                                   \
   }

@@ -14,7 +14,7 @@ namespace bilstm_native {
 #define DECLARE_FORWARD_ROWS(S, GX)                                                                             \
   void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const GX* gx, const int64_t* gx_rows,         \
                         int64_t gx_rs, const Acc<S>* bias, const Acc<S>* hw, S* h, Acc<S>* c, S* out, int64_t rs, \
-                        S* gates, int64_t g_rs, Acc<S>* cs, bool proj);
+                        Acc<S>* gates, int64_t g_rs, Acc<S>* cs, bool proj);
 DECLARE_FORWARD_ROWS(float, float)
 DECLARE_FORWARD_ROWS(double, double)
 DECLARE_FORWARD_ROWS(c10::BFloat16, c10::BFloat16)
@@ -26,9 +26,10 @@ DECLARE_FORWARD_ROWS(c10::Half, float)
 // Backward: one step of n running rows (see backward_rows in step_loops.cpp). Without dg
 // (nullptr) the gate gradients go to dgates only.
 #define DECLARE_BACKWARD_ROWS(S)                                                                                \
-  void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const S* dout, int64_t rs, const S* gates,   \
+  void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const S* dout, int64_t rs,                  \
+                         const Acc<S>* gates,                                                                   \
                          int64_t g_rs, const Acc<S>* cs, const Acc<S>* c_prev, int64_t cp_rs, Acc<S>* dh,        \
-                         Acc<S>* dc, S* dg, S* dgates, bool proj);
+                         Acc<S>* dc, S* dg, Acc<S>* dgates, bool proj);
 DECLARE_BACKWARD_ROWS(float)
 DECLARE_BACKWARD_ROWS(double)
 DECLARE_BACKWARD_ROWS(c10::BFloat16)
