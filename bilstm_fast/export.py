@@ -18,9 +18,9 @@ ONNX's LSTM orders the gates i, o, f, c where torch has i, f, g, o, and keeps th
 recurrent biases apart (B = [W_b, R_b]); both are rearranged on the weights, in the graph (a
 runtime folds these constant subgraphs when it loads the model).
 
-LSTM with projections (proj_size > 0) has no ONNX operator: with the dynamo exporter it
-becomes a Scan over time whose body is the cell and the projection; the TorchScript exporter
-refuses it and names the dynamo exporter.
+LSTM with projections (proj_size > 0) has no ONNX operator: with the dynamo exporter a layer
+becomes one Scan over time (both directions in lockstep) whose body is the cell and the
+projection; the TorchScript exporter refuses it and names the dynamo exporter.
 """
 import torch
 
@@ -43,8 +43,15 @@ PROJ_TORCHSCRIPT = (
 
 
 def exporting():
-    """Whether torch.onnx.export is capturing the model (either exporter)."""
-    return torch.onnx.is_in_onnx_export()
+    """Whether torch.onnx.export is capturing the model (either exporter). The dynamo exporter
+    falls back to torch.export's strict mode when the first capture fails, and dynamo folds
+    is_in_onnx_export() to False there: the exporter's own flag (read as dynamo would not fold
+    it) keeps that capture on this path too, and its errors ours."""
+    if torch.onnx.is_in_onnx_export():
+        return True
+    from torch.onnx._internal.exporter import _flags
+
+    return getattr(_flags, "_is_onnx_exporting", False)
 
 
 def check_exportable(module, packed):
@@ -112,30 +119,33 @@ def layer(module, x, params, h0, c0):
 
 
 def _projected_layer(x, params, D, bias, h0, c0):
-    """A layer with projections as one Scan over time per direction: ONNX has no operator for
-    it. The cell of nn.LSTM (torch's gate order), then h = (o * tanh(c)) @ W_hr^T."""
+    """A layer with projections as one Scan over time, both directions in lockstep (the reverse
+    one reads time flipped): ONNX has no operator for it. nn.LSTM's cell in torch's gate order,
+    then h = (o * tanh(c)) @ W_hr^T."""
     from torch._higher_order_ops.scan import scan
 
     per_direction = len(params) // D
-    outs, h_n, c_n = [], [], []
-    for d in range(D):
-        w_ih, w_hh, *biases, w_hr = params[d * per_direction:(d + 1) * per_direction]
-        gx = x @ w_ih.t()  # [T, B, 4H]: the input projection of every step as one MatMul
-        if bias:
-            gx = gx + (biases[0] + biases[1])
+    groups = [params[d * per_direction:(d + 1) * per_direction] for d in range(D)]
+    w_ih = torch.stack([g[0] for g in groups])  # [D, 4H, I]
+    w_hh_t = torch.stack([g[1].t() for g in groups])  # [D, P, 4H]
+    w_hr_t = torch.stack([g[-1].t() for g in groups])  # [D, H, P]
+    gx = torch.einsum("tbi,dgi->tdbg", x, w_ih)  # [T, D, B, 4H]: every step's input projection at once
+    if bias:
+        gx = gx + torch.stack([g[2] + g[3] for g in groups]).unsqueeze(1)
+    if D == 2:  # the reverse direction's steps in the order it takes them
+        gx = torch.stack((gx[:, 0], gx[:, 1].flip(0)), dim=1)
 
-        def step(carry, gx_t, w_hh=w_hh, w_hr=w_hr):
-            h, c = carry
-            i, f, g, o = (gx_t + h @ w_hh.t()).chunk(4, dim=-1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = (torch.sigmoid(o) * torch.tanh(c)) @ w_hr.t()
-            return (h, c), h.clone()  # the carry and the step's output must not alias
+    def step(carry, gx_t):
+        h, c = carry  # [D, B, P], [D, B, H]
+        i, f, g, o = (gx_t + torch.bmm(h, w_hh_t)).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.bmm(torch.sigmoid(o) * torch.tanh(c), w_hr_t)
+        return (h, c), h.clone()  # the carry and the step's output must not alias
 
-        (h, c), out = scan(step, (h0[d], c0[d]), gx, reverse=d == 1)
-        outs.append(out)
-        h_n.append(h)
-        c_n.append(c)
-    return torch.cat(outs, dim=-1), torch.stack(h_n), torch.stack(c_n)
+    (h_n, c_n), out = scan(step, (h0, c0), gx)  # out [T, D, B, P]
+    if D == 2:
+        out = torch.stack((out[:, 0], out[:, 1].flip(0)), dim=1)
+    return out.transpose(1, 2).flatten(2), h_n, c_n
 
 
 _registered = False

@@ -316,7 +316,7 @@ class FastBiLSTM(nn.RNNBase):
         lengths = None
         # torch.onnx.export captures the forward by tracing (torch.export or torch.jit.trace):
         # the cheap checks first, since is_in_onnx_export costs microseconds
-        onnx = (torch.compiler.is_exporting() or torch._C._is_tracing()) and export.exporting()
+        onnx = (torch.compiler.is_exporting() or torch.jit.is_tracing()) and export.exporting()
         if onnx:
             export.check_exportable(self, packed)
         # every check runs before any compute, so a bad call fails with a message, not mid-kernel
