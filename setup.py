@@ -28,6 +28,9 @@ PACKAGE = dict(
         "textgen": ["pyjokes>=0.8"],
         "plot": ["matplotlib>=3.7"],
         "test": ["pytest>=8", "hypothesis>=6"],
+        # torch.onnx.export (the dynamo exporter needs onnxscript) and the runtime the tests check it in
+        "onnx": ["onnx>=1.18", "onnxscript>=0.5", "onnxruntime>=1.22"],
+        "openvino": ["openvino>=2025.0"],
     },
 )
 

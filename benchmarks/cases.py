@@ -32,17 +32,20 @@ def run_case(shape, precision, impls, device, args, rates, log):
             verdicts = {}
             for impl in impls:
                 verdict = check(models.get(impl.name), build_errors.get(impl.name), case_check,
-                                TOLERANCE[precision.label()])
+                                impl.tolerance or TOLERANCE[precision.label()], impl.inference_only)
                 verdicts[impl.name] = verdict
                 log(f"  check {impl.name:16s} {shape.name}{'/' + variant if variant else ''} {precision.label()}: "
                     + (f"ERROR {verdict['error']}" if "error" in verdict else
                        f"rel err {verdict['check_rel_err']:.1e} (tol {verdict['check_tolerance']:.0e}) "
                        + ("ok" if verdict["correct"] else "WRONG at " + verdict["check_worst"])))
-            timed = [impl.name for impl in impls if verdicts[impl.name]["correct"]]
             for mode in args.modes:
+                timed = [impl.name for impl in impls if verdicts[impl.name]["correct"]
+                         and (mode == "inference" or not impl.inference_only)]
                 fields = dict(zip(timed, time_rows([models[name] for name in timed], mode, shape, precision,
                                                    packed, device, args, rates)))
                 for impl in impls:
+                    if mode != "inference" and impl.inference_only:
+                        continue
                     row = dict(impl=impl.name, mode=mode, shape=shape.name, shape_label=shape.label(),
                                variant=variant, dtype=precision.label(), B=shape.B, T=shape.T, I=shape.I,
                                H=shape.H, layers=shape.layers, directions=shape.D, note=shape.note,

@@ -24,6 +24,8 @@ from .vanilla import VanillaLSTM
 class Impl:
     name: str
     build: object  # nn.LSTM (weights to copy) -> module with nn.LSTM's call signature
+    inference_only: bool = False  # checked on its forward alone and timed in inference only (deploy.py)
+    tolerance: float = None  # its own correctness tolerance (int8 rows), else the dtype's
 
 
 def fast_impl(backend):

@@ -4,6 +4,7 @@
     python benchmarks/run.py --quick --out DIR     # tiny shapes: a smoke run (CI)
     python benchmarks/run.py --shapes mnist,tagging --dtypes fp32 --modes training
     python benchmarks/run.py --mnist               # MNIST seconds per epoch, end to end
+    python benchmarks/run.py --deploy              # ONNX Runtime (fp32, int8), OpenVINO, torch int8 (deploy.py)
 
 Implementations (each checked against a float64 nn.LSTM before it is timed; a wrong one is
 reported as WRONG, never timed, and makes the run exit with status 1):
@@ -21,6 +22,10 @@ with the implementations of a row sampled round-robin (a burst of load from othe
 them alike), triton.testing.do_bench on a GPU; warm-up excluded; median with 20%/80% quantiles;
 inputs drawn once per case from a seeded normal distribution and cycled through three draws.
 
+--deploy times the FastBiLSTM exported to ONNX in ONNX Runtime (fp32 and int8), OpenVINO (fp32) and
+torch's dynamic int8 LSTM beside FastBiLSTM (auto's backend) and nn.LSTM, inference only, on the
+deployment shapes of deploy.py (or --shapes); rows for runtimes not installed are left out.
+
 --loaded runs the selected shapes with a second, busy process pinned to one core throughout (load.py):
 the machine line and every row say so, and the files get a _loaded suffix.
 
@@ -35,7 +40,7 @@ This file is the command line; each module beside it has one job:
   timing.py           samples, quantiles, the matmul rate           memory.py     peak memory
   machine.py          the machine line                              report.py     table, JSON/CSV/PNG
   mnist_epoch.py      MNIST seconds per epoch (--mnist)             schedules.py  Triton schedules (GPU)
-  load.py             the busy process of --loaded
+  load.py             the busy process of --loaded                  deploy.py     the --deploy rows
 """
 import argparse
 import contextlib
@@ -58,6 +63,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402 (after the environment it reads)
 
 from benchmarks.cases import run_case  # noqa: E402
+from benchmarks.deploy import deploy_impls, deploy_shapes  # noqa: E402
 from benchmarks.implementations import Impl, default_impls  # noqa: E402, F401 (Impl: for callers of main)
 from benchmarks.load import BusyProcess  # noqa: E402
 from benchmarks.machine import device_slug, machine_info, machine_line  # noqa: E402
@@ -86,6 +92,8 @@ def parse_args(argv):
     p.add_argument("--no-files", action="store_true", help="print the table only")
     p.add_argument("--loaded", action="store_true",
                    help="run with a second, busy process pinned to one core (a shared machine)")
+    p.add_argument("--deploy", action="store_true",
+                   help="inference in the deployment runtimes (ONNX Runtime, OpenVINO, int8) beside eager")
     p.add_argument("--mnist", action="store_true", help="also time MNIST training epochs end to end")
     p.add_argument("--mnist-only", action="store_true", help="only the MNIST end-to-end timing")
     p.add_argument("--mnist-steps", type=int,
@@ -107,6 +115,8 @@ def parse_args(argv):
         for d in args.dtypes:
             if d not in DTYPES:
                 p.error(f"unknown dtype {d!r}")
+    if args.deploy:
+        args.modes = ["inference"]
     if args.min_time is None:
         args.min_time = 0.01 if args.quick else 0.5
     return args
@@ -138,6 +148,9 @@ def run_timed(args, impls, busy):
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    if impls is None and args.deploy:  # FastBiLSTM on auto's first choice, nn.LSTM, the runtimes
+        fast, *others = default_impls(device)
+        impls = [fast, *[i for i in others if i.name == "nn.LSTM"], *deploy_impls()]
     impls = impls if impls is not None else default_impls(device)
     if args.impls:
         wanted = args.impls.split(",")
@@ -151,7 +164,10 @@ def run_timed(args, impls, busy):
     result = {"machine": info, "command": "benchmarks/run.py " + command, "rows": [], "mnist": None}
     status = 0
     if not args.mnist_only:
-        shapes = select_shapes(args.shapes or DEFAULT_SHAPES[device.type], device, args.quick)
+        if args.deploy and not args.shapes:
+            shapes = deploy_shapes(args.quick)
+        else:
+            shapes = select_shapes(args.shapes or DEFAULT_SHAPES[device.type], device, args.quick)
         precs = precisions(args.dtypes or (["fp32"] if device.type == "cpu" else ["fp32", "fp16", "bf16"]), device)
         rates = {}
         for prec in precs:
@@ -195,6 +211,7 @@ def run_timed(args, impls, busy):
         stem = f"{device_slug(info)}_{datetime.date.today().isoformat()}" + ("_quick" if args.quick else "")
         stem += "_mnist" if args.mnist_only else ""
         stem += "_loaded" if args.loaded else ""
+        stem += "_deploy" if args.deploy else ""
         paths = write_outputs(result, Path(args.out) if args.out else RESULTS_DIR, stem, log)
         log("wrote " + ", ".join(p.name for p in paths.values()))
     log(f"total {info['seconds']:.0f} s")

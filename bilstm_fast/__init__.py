@@ -17,8 +17,9 @@ import torch as _torch  # noqa: E402
 
 from bilstm_fast.function import LSTMLayerFunction, lstm_layer  # noqa: E402 (after the path set-up above)
 from bilstm_fast.module import FastBiLSTM, swap_lstm, unswap_lstm  # noqa: E402
+from bilstm_fast.quantize import quantize_dynamic  # noqa: E402
 
 _torch.serialization.add_safe_globals([FastBiLSTM])
 
-__all__ = ["FastBiLSTM", "LSTMLayerFunction", "lstm_layer", "swap_lstm", "unswap_lstm"]
+__all__ = ["FastBiLSTM", "LSTMLayerFunction", "lstm_layer", "quantize_dynamic", "swap_lstm", "unswap_lstm"]
 __version__ = "0.1.0"  # the one version string: setup.py reads it from here

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from bilstm_fast import export
 from bilstm_fast.function import lstm_layer_params
 from bilstm_fast.kernels import BACKENDS
 
@@ -272,9 +273,10 @@ class FastBiLSTM(nn.RNNBase):
             if t.dtype != input.dtype:
                 raise RuntimeError(f"Expected {name} to have dtype {input.dtype}, got {t.dtype}")
 
-    def _run_layers(self, x, h0, c0, lengths, packed=None, layers=None):
+    def _run_layers(self, x, h0, c0, lengths, packed=None, layers=None, onnx=False):
         """x [T, B, I] time-major; h0/c0 [L*D, B, H] -> out [T, B, D*H], h_n, c_n.
-        packed: the input PackedSequence, if any (dropout then acts on packed data)."""
+        packed: the input PackedSequence, if any (dropout then acts on packed data).
+        onnx: under torch.onnx.export, each layer as ONNX's LSTM operator (bilstm_fast/export.py)."""
         D = 2 if self.bidirectional else 1
         h_n, c_n = [], []
         if layers is None:
@@ -284,7 +286,10 @@ class FastBiLSTM(nn.RNNBase):
             if params[0].dtype != x.dtype:  # autocast: the weights in the autocast dtype
                 params = [w.to(x.dtype) for w in params]
             states = slice(layer * D, (layer + 1) * D)
-            x, h, c = lstm_layer_params(x, params, h0[states], c0[states], lengths, self.backend)
+            if onnx:
+                x, h, c = export.layer(self, x, params, h0[states], c0[states])
+            else:
+                x, h, c = lstm_layer_params(x, params, h0[states], c0[states], lengths, self.backend)
             h_n.append(h)
             c_n.append(c)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
@@ -309,6 +314,11 @@ class FastBiLSTM(nn.RNNBase):
         D = 2 if self.bidirectional else 1
         packed = isinstance(input, PackedSequence)
         lengths = None
+        # torch.onnx.export captures the forward by tracing (torch.export or torch.jit.trace):
+        # the cheap checks first, since is_in_onnx_export costs microseconds
+        onnx = (torch.compiler.is_exporting() or torch.jit.is_tracing()) and export.exporting()
+        if onnx:
+            export.check_exportable(self, packed)
         # every check runs before any compute, so a bad call fails with a message, not mid-kernel
         if not packed and not isinstance(input, torch.Tensor):
             raise TypeError(f"LSTM expects input to be a Tensor or PackedSequence, got {type(input).__name__}")
@@ -371,9 +381,9 @@ class FastBiLSTM(nn.RNNBase):
                 dtype = torch.get_autocast_dtype(device_type)
                 x, hx = x.to(dtype), (hx[0].to(dtype), hx[1].to(dtype))
             with torch.autocast(device_type, enabled=False):
-                out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths, packed_input, layers)
+                out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths, packed_input, layers, onnx)
         else:  # no autocast context to leave (entering one costs ~20 us, a tiny call notices)
-            out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths, packed_input, layers)
+            out, h_n, c_n = self._run_layers(x.contiguous(), hx[0], hx[1], lengths, packed_input, layers, onnx)
 
         if packed:
             sorted_lengths = lengths_cpu[sorted_indices.cpu()] if sorted_indices is not None else lengths_cpu
