@@ -104,7 +104,8 @@ ALWAYS_INLINE S narrow_to(Acc<S> v) {
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
     const uint32_t u = static_cast<uint32_t>(float_to_bits(v));
     const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;  // integer compare: no float compare to branch on
+    return c10::BFloat16(static_cast<uint16_t>(nan ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
   } else if constexpr (std::is_same_v<S, c10::Half>) {
     return c10::Half(v);
   } else {

@@ -51,7 +51,7 @@ static ALWAYS_INLINE void forward_rows(
       A g = tanh_act((widen(x[2 * H + j]) + bias[2 * H + j]) + a[2 * H + j]);
       A o = sigmoid((widen(x[3 * H + j]) + bias[3 * H + j]) + a[3 * H + j]);
       A cn = f * cr[j] + i * g;
-      S hn = narrow_to<S>(o * tanh_act(cn));
+      A hn = o * tanh_act(cn);
       if constexpr (SAVE) {
         g_row[j] = i;
         g_row[H + j] = f;
@@ -60,8 +60,10 @@ static ALWAYS_INLINE void forward_rows(
         c_row[j] = cn;
       }
       cr[j] = cn;
-      hr[j] = hn;
-      if constexpr (!PROJ) o_row[j] = hn;
+      // rounded at each store: GCC leaves the loop scalar when one rounded value (an S object)
+      // is stored twice
+      hr[j] = narrow_to<S>(hn);
+      if constexpr (!PROJ) o_row[j] = narrow_to<S>(hn);
     }
   }
 }
