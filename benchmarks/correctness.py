@@ -1,4 +1,5 @@
 """The correctness gate: every implementation against float64 nn.LSTM on the same inputs."""
+import contextlib
 import copy
 import math
 
@@ -11,12 +12,16 @@ from .implementations import call, output_tensor
 # here (see NOTES.md), a wrong one (swapped gates, a direction not reversed, one batch tile off)
 # 1e-2 to 1; 1e-4 leaves room for long sequences. TF32/fp16 (unit roundoff 2^-11) and bf16
 # (2^-8) round every GEMM input: a few hundred roundoffs, first estimates until measured on a GPU.
-TOLERANCE = {"fp32": 1e-4, "fp32-ieee": 1e-4, "fp32-tf32": 2e-2, "fp16": 2e-2, "bf16": 1e-1}
+# Under autocast the GEMM inputs are rounded alike (the weights and inputs kept in fp32 are rounded
+# to the autocast dtype inside), so the same bounds hold.
+TOLERANCE = {"fp32": 1e-4, "fp32-ieee": 1e-4, "fp32-tf32": 2e-2, "fp16": 2e-2, "bf16": 1e-1,
+             "fp16-autocast": 2e-2, "bf16-autocast": 1e-1}
 
 
-def results_of(model, x, dout):
-    """Output, final states and every weight gradient of one training call, as float64."""
-    out, (h_n, c_n) = call(model, "training", x, dout)
+def results_of(model, x, dout, context=contextlib.nullcontext):
+    """Output, final states and every weight gradient of one training call (its forward in
+    `context()`), as float64."""
+    out, (h_n, c_n) = call(model, "training", x, dout, context)
     tensors = {"output": output_tensor(out), "h_n": h_n, "c_n": c_n}
     tensors.update({f"grad {name}": p.grad for name, p in model.named_parameters()})
     return {k: v.detach().double() for k, v in tensors.items()}
@@ -45,14 +50,15 @@ def reference_results(base, x, dout):
     return results_of(ref, x, dout.double())
 
 
-def check(model, build_error, case_check, tolerance):
-    """The correctness gate for one implementation on one case: fields for its rows."""
+def check(model, build_error, case_check, tolerance, context=contextlib.nullcontext):
+    """The correctness gate for one implementation on one case (its forward in `context()`):
+    fields for its rows."""
     check_x, check_dout, reference = case_check
     verdict = dict(check_tolerance=tolerance, correct=False)
     if build_error is not None:
         return dict(verdict, error=f"building it: {build_error!r}"[:300])
     try:
-        err, where = relative_error(results_of(model, check_x, check_dout), reference)
+        err, where = relative_error(results_of(model, check_x, check_dout, context), reference)
     except Exception as error:  # noqa: BLE001
         return dict(verdict, error=f"checking it: {error!r}"[:300])
     return dict(verdict, check_rel_err=err, check_worst=where, correct=err <= tolerance)

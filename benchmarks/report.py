@@ -21,6 +21,8 @@ COLUMNS = [
     ("tokens_per_s", "tokens/s", "{:.3g}"),
     ("speedup_vs_nn_lstm", "vs nn.LSTM", "{:.2f}x"),
     ("paired_speedup_vs_nn_lstm", "paired", "{:.2f}x"),
+    ("speedup_vs_nn_lstm_fp32", "vs nn.LSTM fp32", "{:.2f}x"),
+    ("paired_speedup_vs_nn_lstm_fp32", "paired fp32", "{:.2f}x"),
     ("peak_mb", "peak MB", "{:.1f}"),
     ("floor_share", "of floor", "{:.0%}"),
     ("packed_over_padded", "packed/padded", "{:.2f}"),
