@@ -65,14 +65,19 @@ class Precision:
         return torch.float32 if self.name in AUTOCAST else DTYPES[self.name]
 
     @property
+    def autocast(self):
+        """The dtype of the torch.autocast around each forward; None for a cast precision."""
+        return AUTOCAST.get(self.name)
+
+    @property
     def compute_dtype(self):
         """What the GEMMs run in (the matmul rate of the floor is measured in it)."""
-        return AUTOCAST.get(self.name, self.dtype)
+        return self.autocast or self.dtype
 
     def forward_context(self, device):
         """A factory of the context each forward runs in: autocast, or nothing."""
-        if self.name in AUTOCAST:
-            return functools.partial(torch.autocast, device.type, dtype=AUTOCAST[self.name])
+        if self.autocast is not None:
+            return functools.partial(torch.autocast, device.type, dtype=self.autocast)
         return contextlib.nullcontext
 
     def label(self):

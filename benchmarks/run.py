@@ -5,6 +5,7 @@
     python benchmarks/run.py --shapes mnist,tagging --dtypes fp32 --modes training
     python benchmarks/run.py --dtypes fp32,bf16,bf16-autocast   # bf16 both ways on every shape
     python benchmarks/run.py --mnist               # MNIST seconds per epoch, end to end
+    python benchmarks/run.py --mnist-only --dtypes fp32,bf16,bf16-autocast   # the same, fp32 and bf16
 
 Implementations (each checked against a float64 nn.LSTM before it is timed; a wrong one is
 reported as WRONG, never timed, and makes the run exit with status 1):
@@ -95,7 +96,8 @@ def parse_args(argv):
     p.add_argument("--no-files", action="store_true", help="print the table only")
     p.add_argument("--loaded", action="store_true",
                    help="run with a second, busy process pinned to one core (a shared machine)")
-    p.add_argument("--mnist", action="store_true", help="also time MNIST training epochs end to end")
+    p.add_argument("--mnist", action="store_true",
+                   help="also time MNIST training epochs end to end (in --dtypes if given, else fp32)")
     p.add_argument("--mnist-only", action="store_true", help="only the MNIST end-to-end timing")
     p.add_argument("--mnist-steps", type=int,
                    help="time this many steps and scale to an epoch (default: a whole epoch)")
@@ -196,7 +198,7 @@ def run_timed(args, impls, busy):
         extrapolated = " (extrapolated from timed steps)" if result["mnist"][0]["extrapolated"] else ""
         log("\nMNIST training, seconds per epoch" + extrapolated)
         for row in result["mnist"]:
-            log(f"  {row['impl']:16s} {row['loader']:40s} {row['seconds_per_epoch']:8.1f}")
+            log(f"  {row['impl']:16s} {row['dtype']:13s} {row['loader']:40s} {row['seconds_per_epoch']:8.1f}")
     notes = sorted({r["note"] for r in result["rows"] if r["note"]})
     if notes:
         log("shape notes: " + "; ".join(notes))

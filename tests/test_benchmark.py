@@ -302,23 +302,26 @@ def test_loaded_run_has_both_implementations_under_a_busy_process(tmp_path, caps
 def test_mnist_epochs_take_turns(tmp_path, monkeypatch):
     """--mnist-only: every implementation gets the same number of timed steps, and they take
     turns CHUNK steps at a time (so load from elsewhere lands on all of them alike) after each
-    one's warm-up; the seconds per epoch are scaled from the timed steps."""
+    one's warm-up; the seconds per epoch are scaled from the timed steps. In the precision
+    --dtypes asks for (here bf16-autocast: fp32 models, each step under autocast); the
+    torchvision DataLoader row stays nn.LSTM in fp32."""
     import bilstm_fast.apps.train_mnist as train_mnist
     from benchmarks import mnist_epoch
 
-    order = []
+    order, autocasts = [], {}
     real_step = train_mnist.train_step
 
-    def recording_step(model, *args):
+    def recording_step(model, optimizer, images, labels, autocast=None):
         order.append(id(model))
-        return real_step(model, *args)
+        autocasts[id(model)] = (images.dtype, next(model.parameters()).dtype, autocast)
+        return real_step(model, optimizer, images, labels, autocast)
 
     monkeypatch.setattr(train_mnist, "train_step", recording_step)
     monkeypatch.setattr(mnist_epoch, "CHUNK", 1)
     impls = [run.Impl("fast-vectorized", lambda lstm: FastBiLSTM.from_lstm(lstm, backend="vectorized", copy=True)),
              run.Impl("nn.LSTM", lambda lstm: lstm)]
-    status = run.main(["--mnist-only", "--mnist-steps", "3", "--mnist-workers", "0", "--out", str(tmp_path)],
-                      impls=impls)
+    status = run.main(["--mnist-only", "--mnist-steps", "3", "--mnist-workers", "0", "--dtypes", "bf16-autocast",
+                       "--out", str(tmp_path)], impls=impls)
     assert status == 0
     warmup, steps = 3, 3
     first, second, loader = order[:warmup], order[warmup:2 * warmup], order[2 * (warmup + steps):]
@@ -327,8 +330,12 @@ def test_mnist_epochs_take_turns(tmp_path, monkeypatch):
     assert timed == [first[0], second[0]] * steps  # turns, one step each
     assert len(order) == 2 * (warmup + steps) + warmup + steps  # then the DataLoader row alone
     assert len(set(loader)) == 1 and loader[0] not in (first[0], second[0])
+    fp32 = torch.float32
+    assert [autocasts[k] for k in (first[0], second[0], loader[0])] == [
+        (fp32, fp32, torch.bfloat16), (fp32, fp32, torch.bfloat16), (fp32, fp32, None)]
     (json_path,) = tmp_path.glob("*_mnist.json")
     rows = json.loads(json_path.read_text())["mnist"]
-    assert [(r["impl"], r["loader"].split()[0]) for r in rows] == [
-        ("fast-vectorized", "device-resident"), ("nn.LSTM", "device-resident"), ("nn.LSTM", "torchvision")]
+    assert [(r["impl"], r["dtype"], r["loader"].split()[0]) for r in rows] == [
+        ("fast-vectorized", "bf16-autocast", "device-resident"), ("nn.LSTM", "bf16-autocast", "device-resident"),
+        ("nn.LSTM", "fp32", "torchvision")]
     assert all(r["seconds_per_epoch"] > 0 and r["steps_timed"] == steps and r["extrapolated"] for r in rows)
