@@ -13,8 +13,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 AUTOCAST = {"fp16-autocast": torch.float16, "bf16-autocast": torch.bfloat16}
 PRECISIONS = (*DTYPES, *AUTOCAST)
 # The CPU run's default: fp32 on every shape, bf16 both ways on these shapes only (the issue's).
-# Each precision costs a shape about what its fp32 rows cost, and the fp32 run already takes about
-# 10 minutes on 2 cores: bf16 on every shape would make it about 30.
+# Each precision costs a shape about what its fp32 rows cost (the same checks, samples and warm-ups;
+# bf16 calls 0.4-1.5x as long), and the fp32 rows take about 10 minutes on 2 cores: bf16 on every
+# shape would make it about 30. These three shapes take a quarter of the fp32 run's time, so the
+# default bf16 rows add about 5 minutes (an estimate from the 2026-12-02 run's samples).
 CPU_REDUCED = ("bf16", "bf16-autocast")
 CPU_REDUCED_SHAPES = ("mnist", "tagging", "latency-b1")
 

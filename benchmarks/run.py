@@ -22,7 +22,8 @@ fp16-autocast, bf16-autocast keep them fp32 and run the forward under torch.auto
 implementation of a row runs in the row's precision, so nn.LSTM in that precision is its baseline;
 reduced-precision rows are also set against nn.LSTM in fp32. By default a GPU runs fp32, fp16 and
 bf16 on every shape; the CPU fp32 on every shape and bf16, both ways, on mnist, tagging and
-latency-b1 only (each precision costs about what fp32 does, and fp32 alone takes ~10 minutes).
+latency-b1 only (each precision costs about what fp32 does: fp32 alone takes ~10 minutes, these
+bf16 rows add ~5).
 The precisions of a shape are timed together, round-robin on the CPU.
 
 Modes: inference (forward under no_grad) and training (forward + backward of a random output
