@@ -1,4 +1,5 @@
 """The correctness gate: every implementation against float64 nn.LSTM on the same inputs."""
+import contextlib
 import copy
 import math
 
@@ -11,12 +12,16 @@ from .implementations import call, output_tensor
 # here (see NOTES.md), a wrong one (swapped gates, a direction not reversed, one batch tile off)
 # 1e-2 to 1; 1e-4 leaves room for long sequences. TF32/fp16 (unit roundoff 2^-11) and bf16
 # (2^-8) round every GEMM input: a few hundred roundoffs, first estimates until measured on a GPU.
-TOLERANCE = {"fp32": 1e-4, "fp32-ieee": 1e-4, "fp32-tf32": 2e-2, "fp16": 2e-2, "bf16": 1e-1}
+# Under autocast the GEMM inputs are rounded alike (the weights and inputs kept in fp32 are rounded
+# to the autocast dtype inside), so the same bounds hold.
+TOLERANCE = {"fp32": 1e-4, "fp32-ieee": 1e-4, "fp32-tf32": 2e-2, "fp16": 2e-2, "bf16": 1e-1,
+             "fp16-autocast": 2e-2, "bf16-autocast": 1e-1}
 
 
-def results_of(model, x, dout):
-    """Output, final states and every weight gradient of one training call, as float64."""
-    out, (h_n, c_n) = call(model, "training", x, dout)
+def results_of(model, x, dout, context=contextlib.nullcontext):
+    """Output, final states and every weight gradient of one training call (its forward in
+    `context()`), as float64."""
+    out, (h_n, c_n) = call(model, "training", x, dout, context)
     tensors = {"output": output_tensor(out), "h_n": h_n, "c_n": c_n}
     tensors.update({f"grad {name}": p.grad for name, p in model.named_parameters()})
     return {k: v.detach().double() for k, v in tensors.items()}
@@ -45,25 +50,27 @@ def reference_results(base, x, dout):
     return results_of(ref, x, dout.double())
 
 
-def forward_results_of(model, x):
+def forward_results_of(model, x, context=contextlib.nullcontext):
     """Output and final states of one inference call, as float64 (a deployed model has no gradients)."""
-    out, (h_n, c_n) = call(model, "inference", x, None)
+    with context():
+        out, (h_n, c_n) = call(model, "inference", x, None)
     return {"output": output_tensor(out).double(), "h_n": h_n.double(), "c_n": c_n.double()}
 
 
-def check(model, build_error, case_check, tolerance, inference_only=False):
-    """The correctness gate for one implementation on one case: fields for its rows.
-    inference_only: the forward's results alone (output, h_n, c_n) against the reference's."""
+def check(model, build_error, case_check, tolerance, context=contextlib.nullcontext, inference_only=False):
+    """The correctness gate for one implementation on one case (its forward in `context()`):
+    fields for its rows. inference_only: the forward's results alone (output, h_n, c_n) against
+    the reference's."""
     check_x, check_dout, reference = case_check
     verdict = dict(check_tolerance=tolerance, correct=False)
     if build_error is not None:
         return dict(verdict, error=f"building it: {build_error!r}"[:300])
     try:
         if inference_only:
-            result = forward_results_of(model, check_x)
+            result = forward_results_of(model, check_x, context)
             reference = {k: v for k, v in reference.items() if k in result}
         else:
-            result = results_of(model, check_x, check_dout)
+            result = results_of(model, check_x, check_dout, context)
         err, where = relative_error(result, reference)
     except Exception as error:  # noqa: BLE001
         return dict(verdict, error=f"checking it: {error!r}"[:300])

@@ -7,6 +7,7 @@ auto's preference). Anything else (another library, a variant) is one more `Impl
 where `build` takes the nn.LSTM whose weights to copy and returns a module with nn.LSTM's call
 signature; `run.main(impls=...)` takes such a list too.
 """
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -60,12 +61,15 @@ def output_tensor(out):
     return out.data if isinstance(out, PackedSequence) else out
 
 
-def call(model, mode, x, dout):
+def call(model, mode, x, dout, context=contextlib.nullcontext):
+    """One call in `mode`, its forward inside `context()` (torch.autocast for the autocast
+    precisions; the backward runs outside, as autocast's documentation asks)."""
     if mode == "inference":
-        with torch.no_grad():
+        with torch.no_grad(), context():
             return model(x)
     model.zero_grad(set_to_none=True)
-    out, state = model(x)
+    with context():
+        out, state = model(x)
     output_tensor(out).backward(dout)
     return out, state
 

@@ -23,6 +23,33 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo, or None where there is none (not Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+BF16_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16")
+
+
+def cpu_bf16(flags):
+    """Which of the bf16 GEMM instructions the CPU has ({flag: bool}), None where unknown: with AMX
+    oneDNN's bf16 LSTM runs 2.5-3x faster than its fp32 (benchmarks/NOTES.md), so a bf16 row means
+    something else on a CPU without it."""
+    return None if flags is None else {flag: flag in flags for flag in BF16_FLAGS}
+
+
+def native_bf16_gemm():
+    """What the native backend's bf16 GEMMs run on, in its own words, where it says."""
+    describe = getattr(native, "bf16_gemm", None)
+    return describe() if native.available() and describe is not None else None
+
+
 def git_commit():
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -61,6 +88,8 @@ def machine_info(device):
         "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "native": native.simd_level() if native.available() else f"not available: {native.UNAVAILABLE_REASON}",
         "allocator": allocator(),
+        "cpu_bf16": cpu_bf16(cpu_flags()),
+        "native_bf16_gemm": native_bf16_gemm(),
     }
     if triton_available():
         import triton
@@ -79,8 +108,21 @@ def machine_line(info):
     load_text = f", load avg {load[0]:.2f} at start" if load else ""
     busy = f"; LOADED: {info['busy_process']}" if info.get("busy_process") else ""
     return (f"{where}; CPU {info['cpu']} ({info['cpu_cores']} cores, torch threads {info['torch_threads']}); "
+            f"{bf16_text(info)}; "
             f"torch {info['torch']}, triton {info['triton']}; nn.LSTM engine: {info['nn_lstm_engine']}; "
             f"native backend: {info.get('native')}; allocator: {info.get('allocator')}{busy}{load_text}")
+
+
+def bf16_text(info):
+    """'bf16: AMX yes, AVX512-BF16 yes, native bf16 GEMM: ...' for the machine line."""
+    flags = info.get("cpu_bf16")
+    if flags is None:
+        text = "bf16: CPU flags unknown (no /proc/cpuinfo)"
+    else:
+        amx = "yes" if flags["amx_bf16"] and flags["amx_tile"] else "no"
+        text = f"bf16: AMX {amx}, AVX512-BF16 {'yes' if flags['avx512_bf16'] else 'no'}"
+    gemm = info.get("native_bf16_gemm")
+    return text + (f", native bf16 GEMM: {gemm}" if gemm else "")
 
 
 def device_slug(info):

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from .precision import Precision
+
 
 def write_idx(path, array):
     """An IDX file (the format torchvision's MNIST reads) from a uint8 or int64 array."""
@@ -34,8 +36,10 @@ CHUNK = 10  # steps an implementation runs before the next takes its turn
 
 
 def run_mnist(args, device, impls, log):
-    """Seconds per training epoch of the MNIST classifier (batch 64, Adam) per implementation.
-    With --mnist-steps N, N steps are timed after warm-up and scaled to a full epoch."""
+    """Seconds per training epoch of the MNIST classifier (batch 64, Adam) per implementation and
+    precision (--dtypes, default fp32: a bf16 model with bf16 images and Adam state, or an fp32
+    one trained under autocast, as train_mnist's --dtype bfloat16 and --autocast bf16 do). With
+    --mnist-steps N, N steps are timed after warm-up and scaled to a full epoch."""
     from bilstm_fast.apps.data import DeviceBatches, find_mnist
     from bilstm_fast.apps.train_mnist import build_model, train_step
 
@@ -45,7 +49,9 @@ def run_mnist(args, device, impls, log):
     steps = min(args.mnist_steps or steps_per_epoch, steps_per_epoch)
     log(f"MNIST from {source}: {len(train_y)} training images, {steps_per_epoch} steps/epoch, "
         f"timing {steps} steps after {warmup} warm-up steps")
-    batches = DeviceBatches(torch.from_numpy(train_x), torch.from_numpy(train_y), batch_size, device, seed=0)
+    precs = [Precision(name, "") for name in args.dtypes or ["fp32"]]
+    batches = {prec.dtype: DeviceBatches(torch.from_numpy(train_x), torch.from_numpy(train_y), batch_size, device,
+                                         seed=0, dtype=prec.dtype) for prec in precs}
 
     def sync():
         if device.type == "cuda":
@@ -60,8 +66,8 @@ def run_mnist(args, device, impls, log):
     class Run:
         """One implementation's model, optimizer and batch stream, timed a chunk of steps at a time."""
 
-        def __init__(self, model, batch_stream):
-            self.model, self.batches, self.seconds = model, batch_stream, 0.0
+        def __init__(self, model, batch_stream, autocast=None):
+            self.model, self.batches, self.autocast, self.seconds = model, batch_stream, autocast, 0.0
             self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
         def steps(self, n, timed=True):
@@ -69,7 +75,7 @@ def run_mnist(args, device, impls, log):
             start = time.perf_counter()
             for _ in range(n):
                 images, labels = next(self.batches)
-                train_step(self.model, self.optimizer, images, labels)
+                train_step(self.model, self.optimizer, images, labels, self.autocast)
             sync()
             if timed:
                 self.seconds += time.perf_counter() - start
@@ -88,17 +94,19 @@ def run_mnist(args, device, impls, log):
             done += chunk
         return [run.seconds * steps_per_epoch / steps for run in runs]
 
-    runs = []
-    for impl in impls:
-        model = build_model("torch", 0, device)
-        if impl.name != "nn.LSTM":
-            model.lstm = impl.build(model.lstm)
-        runs.append(Run(model, endless(batches.epoch)))
+    runs, names = [], []
+    for prec in precs:
+        for impl in impls:
+            model = build_model("torch", 0, device)
+            if impl.name != "nn.LSTM":
+                model.lstm = impl.build(model.lstm)
+            runs.append(Run(model.to(prec.dtype), endless(batches[prec.dtype].epoch), prec.autocast))
+            names.append((impl.name, prec.label()))
     rows = []
-    for impl, seconds in zip(impls, timed_together(runs)):
-        rows.append({"impl": impl.name, "loader": "device-resident", "seconds_per_epoch": seconds,
+    for (impl, dtype), seconds in zip(names, timed_together(runs)):
+        rows.append({"impl": impl, "dtype": dtype, "loader": "device-resident", "seconds_per_epoch": seconds,
                      "steps_timed": steps})
-        log(f"  {impl.name:16s} device-resident loader: {seconds:8.1f} s/epoch")
+        log(f"  {impl:16s} {dtype:13s} device-resident loader: {seconds:8.1f} s/epoch")
     del runs
     # alone, after the others: its worker processes would take cores from whatever ran beside them
     with tempfile.TemporaryDirectory() as root:
@@ -111,8 +119,8 @@ def run_mnist(args, device, impls, log):
                 yield images.squeeze(1).to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
         (seconds,) = timed_together([Run(build_model("torch", 0, device), endless(loader_epoch))])
-        rows.append({"impl": "nn.LSTM", "loader": f"torchvision DataLoader ({args.mnist_workers} workers)",
-                     "seconds_per_epoch": seconds, "steps_timed": steps})
+        rows.append({"impl": "nn.LSTM", "dtype": "fp32", "seconds_per_epoch": seconds, "steps_timed": steps,
+                     "loader": f"torchvision DataLoader ({args.mnist_workers} workers)"})
         log(f"  {'nn.LSTM':16s} torchvision DataLoader: {seconds:8.1f} s/epoch")
     for row in rows:
         row["extrapolated"] = steps < steps_per_epoch

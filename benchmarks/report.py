@@ -21,6 +21,8 @@ COLUMNS = [
     ("tokens_per_s", "tokens/s", "{:.3g}"),
     ("speedup_vs_nn_lstm", "vs nn.LSTM", "{:.2f}x"),
     ("paired_speedup_vs_nn_lstm", "paired", "{:.2f}x"),
+    ("speedup_vs_nn_lstm_fp32", "vs nn.LSTM fp32", "{:.2f}x"),
+    ("paired_speedup_vs_nn_lstm_fp32", "paired fp32", "{:.2f}x"),
     ("peak_mb", "peak MB", "{:.1f}"),
     ("floor_share", "of floor", "{:.0%}"),
     ("packed_over_padded", "packed/padded", "{:.2f}"),
@@ -184,11 +186,11 @@ def time_ratios(result):
         if r["impl"].startswith("fast-") and speedup and r["correct"] and "error" not in r:
             shape = r["shape_label"] + (f" {r['variant']}" if r["variant"] else "")
             ratios.setdefault((r["impl"][5:], shape, r["dtype"]), {})[r["mode"]] = 1 / speedup
-    epochs = {(r["impl"], r["loader"]): r for r in result.get("mnist") or []}
-    for (impl, loader), r in epochs.items():
-        torch_row = epochs.get(("nn.LSTM", loader))
+    epochs = {(r["impl"], r["loader"], r.get("dtype", "fp32")): r for r in result.get("mnist") or []}
+    for (impl, loader, dtype), r in epochs.items():
+        torch_row = epochs.get(("nn.LSTM", loader, dtype))
         if impl.startswith("fast-") and torch_row:
-            key = (impl[5:], "MNIST epoch, end to end", r.get("dtype", "fp32"))
+            key = (impl[5:], "MNIST epoch, end to end", dtype)
             ratios[key] = {"training": r["seconds_per_epoch"] / torch_row["seconds_per_epoch"]}
     return {key: value for key, value in ratios.items() if key[0] in README_BACKENDS}
 

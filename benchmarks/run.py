@@ -1,9 +1,11 @@
 """FastBiLSTM against nn.LSTM and a plain PyTorch loop, side by side in one process.
 
-    python benchmarks/run.py                       # every shape, mode and dtype for this device
+    python benchmarks/run.py                       # every shape and mode, the default precisions (below)
     python benchmarks/run.py --quick --out DIR     # tiny shapes: a smoke run (CI)
     python benchmarks/run.py --shapes mnist,tagging --dtypes fp32 --modes training
+    python benchmarks/run.py --dtypes fp32,bf16,bf16-autocast   # bf16 both ways on every shape
     python benchmarks/run.py --mnist               # MNIST seconds per epoch, end to end
+    python benchmarks/run.py --mnist-only --dtypes fp32,bf16,bf16-autocast   # the same, fp32 and bf16
     python benchmarks/run.py --deploy              # ONNX Runtime (fp32, int8), OpenVINO, torch int8 (deploy.py)
 
 Implementations (each checked against a float64 nn.LSTM before it is timed; a wrong one is
@@ -15,6 +17,15 @@ reported as WRONG, never timed, and makes the run exit with status 1):
   nn.LSTM          torch's own: cuDNN on a GPU, oneDNN on the CPU (the machine line says which)
   vanilla          the "vanilla PyTorch" baseline (vanilla.py): nn.LSTMCell math, one batched
                    step at a time per layer and direction, autograd for the backward
+
+Precisions (--dtypes): fp32, fp16, bf16 cast the modules and inputs (`module.bfloat16()`);
+fp16-autocast, bf16-autocast keep them fp32 and run the forward under torch.autocast. Every
+implementation of a row runs in the row's precision, so nn.LSTM in that precision is its baseline;
+reduced-precision rows are also set against nn.LSTM in fp32. By default a GPU runs fp32, fp16 and
+bf16 on every shape; the CPU fp32 on every shape and bf16, both ways, on mnist, tagging and
+latency-b1 only (each precision costs about what fp32 does: fp32 alone takes ~10 minutes, these
+bf16 rows add ~5).
+The precisions of a shape are timed together, round-robin on the CPU.
 
 Modes: inference (forward under no_grad) and training (forward + backward of a random output
 gradient; the input does not require grad, like data). Timing: torch.utils.benchmark on the CPU,
@@ -34,7 +45,7 @@ the machine line, and a .png bar chart of speedups against nn.LSTM (needs matplo
 benchmarks/NOTES.md for how to read the table and the floor arithmetic.
 
 This file is the command line; each module beside it has one job:
-  shapes.py           the shapes, their inputs, matmul FLOPs        precision.py  dtypes, TF32 or IEEE
+  shapes.py           the shapes, their inputs, matmul FLOPs        precision.py  dtypes, autocast, TF32
   implementations.py  what is timed (Impl, default_impls), a call   vanilla.py    the loop baseline
   correctness.py      the float64 gate and its tolerances           cases.py      check, time a case
   timing.py           samples, quantiles, the matmul rate           memory.py     peak memory
@@ -68,7 +79,7 @@ from benchmarks.implementations import Impl, default_impls  # noqa: E402, F401 (
 from benchmarks.load import BusyProcess  # noqa: E402
 from benchmarks.machine import device_slug, machine_info, machine_line  # noqa: E402
 from benchmarks.mnist_epoch import run_mnist  # noqa: E402
-from benchmarks.precision import DTYPES, Fp32Math, precisions  # noqa: E402
+from benchmarks.precision import PRECISIONS, Fp32Math, default_precision_names, precisions, timing_groups  # noqa: E402
 from benchmarks.report import format_table, write_outputs  # noqa: E402
 from benchmarks.shapes import DEFAULT_SHAPES, MODES, SHAPES, Shape, lstm_flops, select_shapes  # noqa: E402, F401
 from benchmarks.timing import matmul_rate, paired_speedup, quantiles  # noqa: E402, F401
@@ -81,7 +92,7 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes and short timings: a smoke run")
     p.add_argument("--shapes", help=f"comma-separated, from {','.join(SHAPES)}")
-    p.add_argument("--dtypes", help="comma-separated, from fp32,fp16,bf16 (default: fp32 on CPU, all on GPU)")
+    p.add_argument("--dtypes", help=f"comma-separated, from {','.join(PRECISIONS)} (default: see above)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated, from inference,training")
     p.add_argument("--impls", help="comma-separated implementation names (default: every available one)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -94,7 +105,8 @@ def parse_args(argv):
                    help="run with a second, busy process pinned to one core (a shared machine)")
     p.add_argument("--deploy", action="store_true",
                    help="inference in the deployment runtimes (ONNX Runtime, OpenVINO, int8) beside eager")
-    p.add_argument("--mnist", action="store_true", help="also time MNIST training epochs end to end")
+    p.add_argument("--mnist", action="store_true",
+                   help="also time MNIST training epochs end to end (in --dtypes if given, else fp32)")
     p.add_argument("--mnist-only", action="store_true", help="only the MNIST end-to-end timing")
     p.add_argument("--mnist-steps", type=int,
                    help="time this many steps and scale to an epoch (default: a whole epoch)")
@@ -113,10 +125,11 @@ def parse_args(argv):
     if args.dtypes:
         args.dtypes = [d for d in args.dtypes.split(",") if d]
         for d in args.dtypes:
-            if d not in DTYPES:
-                p.error(f"unknown dtype {d!r}")
+            if d not in PRECISIONS:
+                p.error(f"unknown dtype {d!r}; known: {', '.join(PRECISIONS)}")
     if args.deploy:
         args.modes = ["inference"]
+        args.dtypes = args.dtypes or ["fp32"]
     if args.min_time is None:
         args.min_time = 0.01 if args.quick else 0.5
     return args
@@ -168,18 +181,23 @@ def run_timed(args, impls, busy):
             shapes = deploy_shapes(args.quick)
         else:
             shapes = select_shapes(args.shapes or DEFAULT_SHAPES[device.type], device, args.quick)
-        precs = precisions(args.dtypes or (["fp32"] if device.type == "cpu" else ["fp32", "fp16", "bf16"]), device)
-        rates = {}
-        for prec in precs:
-            with Fp32Math(prec.math):
-                rates[prec.label()] = matmul_rate(device, prec.dtype, args.quick, args.min_time)
+        precs = {shape: precisions(args.dtypes or default_precision_names(shape.name, device), device)
+                 for shape in shapes}
+        rates, measured = {}, {}  # by label; by (GEMM dtype, math): bf16 and bf16-autocast share one
+        for prec in dict.fromkeys(p for shape in shapes for p in precs[shape]):
+            key = (prec.compute_dtype, prec.math)
+            if key not in measured:
+                with Fp32Math(prec.math):
+                    measured[key] = matmul_rate(device, prec.compute_dtype, args.quick, args.min_time)
+            rates[prec.label()] = measured[key]
             log(f"matmul rate {prec.label()}: {rates[prec.label()] / 1e9:.1f} GFLOP/s")
         info["matmul_gflops"] = {k: v / 1e9 for k, v in rates.items()}
         for shape in shapes:
-            for prec in precs:
-                log(f"{shape.label()} {prec.label()}{' [' + shape.note + ']' if shape.note else ''}")
+            for group in timing_groups(precs[shape]):
+                log(f"{shape.label()} {', '.join(p.label() for p in group)}"
+                    f"{' [' + shape.note + ']' if shape.note else ''}")
                 case_start = time.perf_counter()
-                rows = run_case(shape, prec, impls, device, args, rates, log)
+                rows = run_case(shape, group, impls, device, args, rates, log)
                 for row in rows:
                     row["loaded"] = busy is not None
                 result["rows"] += rows
@@ -198,7 +216,7 @@ def run_timed(args, impls, busy):
         extrapolated = " (extrapolated from timed steps)" if result["mnist"][0]["extrapolated"] else ""
         log("\nMNIST training, seconds per epoch" + extrapolated)
         for row in result["mnist"]:
-            log(f"  {row['impl']:16s} {row['loader']:40s} {row['seconds_per_epoch']:8.1f}")
+            log(f"  {row['impl']:16s} {row['dtype']:13s} {row['loader']:40s} {row['seconds_per_epoch']:8.1f}")
     notes = sorted({r["note"] for r in result["rows"] if r["note"]})
     if notes:
         log("shape notes: " + "; ".join(notes))

@@ -4,6 +4,7 @@ The gate matters more than the timings: a fast kernel that computes the wrong th
 out as WRONG, untimed, with a failing exit status. Each planted bug below is one a real kernel
 could have, sized to sit just above the fp32 tolerance (1e-4) or to hide in one place only.
 """
+import copy
 import importlib.util
 import json
 import statistics
@@ -44,13 +45,20 @@ def test_quick_cli_writes_checked_rows(tmp_path):
         assert r["correct"] and r["check_rel_err"] < r["check_tolerance"], r
         assert 0 < r["q20_ms"] <= r["median_ms"] <= r["q80_ms"], r
         assert r["tokens_per_s"] > 0 and r["gflop"] > 0 and r["floor_ms"] > 0
-    # one row per (impl, mode, shape variant): mnist, varlen/packed, varlen/padded
-    assert len(rows) == len(impls) * 2 * 3
+    # one row per (impl, mode, shape variant, precision): mnist in fp32, bf16 and bf16-autocast
+    # (the CPU default on the issue's shapes), varlen/packed and varlen/padded in fp32 only
+    assert len(rows) == len(impls) * 2 * (3 + 2)
+    assert {r["dtype"] for r in rows if r["shape"] == "mnist"} == {"fp32", "bf16", "bf16-autocast"}
+    assert {r["dtype"] for r in rows if r["shape"] == "varlen"} == {"fp32"}
     for r in rows:
         if r["impl"] == "nn.LSTM":
             assert r["speedup_vs_nn_lstm"] == pytest.approx(1.0)
             assert r["paired_speedup_vs_nn_lstm"] == 1.0  # its own samples, round by round
         assert r["paired_speedup_vs_nn_lstm"] > 0 and len(r["rounds_ms"]) >= 4, r
+        # reduced precision is also set against nn.LSTM in fp32, paired (timed in the same rounds)
+        assert (r["dtype"] == "fp32") == ("paired_speedup_vs_nn_lstm_fp32" not in r), r
+        if r["dtype"] != "fp32":
+            assert r["check_tolerance"] == 1e-1 and r["paired_speedup_vs_nn_lstm_fp32"] > 0
         if r["variant"] == "packed":
             assert r["packed_over_padded"] > 0
             assert r["tokens"] < r["B"] * r["T"]  # the packed batch has padding to skip
@@ -120,7 +128,8 @@ WRONG = {
 def test_wrong_implementation_is_reported_not_timed(bug, tmp_path, capsys):
     impls = [run.Impl("fast-vectorized", lambda lstm: FastBiLSTM.from_lstm(lstm, backend="vectorized", copy=True)),
              run.Impl(f"planted-{bug}", WRONG[bug])]
-    status = run.main(["--quick", "--shapes", "mnist", "--modes", "training", "--out", str(tmp_path)], impls=impls)
+    status = run.main(["--quick", "--shapes", "mnist", "--modes", "training", "--dtypes", "fp32",
+                       "--out", str(tmp_path)], impls=impls)
     assert status == 1
     printed = capsys.readouterr().out
     assert "WRONG" in printed and "FAILED" in printed
@@ -130,6 +139,71 @@ def test_wrong_implementation_is_reported_not_timed(bug, tmp_path, capsys):
     assert good["correct"] and good["median_ms"] > 0
     assert not bad["correct"] and bad["check_rel_err"] > bad["check_tolerance"]
     assert "median_ms" not in bad  # never timed
+
+
+class Recording(torch.nn.LSTM):
+    """nn.LSTM that notes, at each forward, the input and weight dtypes and the autocast dtype."""
+
+    seen = set()
+
+    def forward(self, input, hx=None):
+        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        self.seen.add((input.dtype, self.weight_ih_l0.dtype, autocast))
+        return super().forward(input, hx)
+
+
+def recording(lstm):
+    model = Recording(lstm.input_size, lstm.hidden_size, lstm.num_layers, bidirectional=lstm.bidirectional)
+    model.load_state_dict(lstm.state_dict())
+    return model
+
+
+def test_bf16_rows_run_as_users_ask_and_are_gated(tmp_path, monkeypatch):
+    """bf16 (modules and inputs cast) and bf16-autocast (fp32 ones under torch.autocast) rows run
+    every implementation that way; the float64 gate still catches a wrong one in both (swapped
+    directions: ~2.4 against the bf16 tolerance 1e-1); reduced-precision rows are also set
+    against nn.LSTM's fp32 row, round by round."""
+    monkeypatch.setattr(Recording, "seen", set())
+    impls = [run.Impl("nn.LSTM", lambda lstm: copy.deepcopy(lstm)), run.Impl("recording", recording),
+             run.Impl("swapped", swapped_directions)]
+    status = run.main(["--quick", "--shapes", "tiny", "--modes", "inference", "--dtypes", "fp32,bf16,bf16-autocast",
+                       "--out", str(tmp_path)], impls=impls)
+    assert status == 1  # the swapped one
+    assert Recording.seen == {(torch.float32, torch.float32, None), (torch.bfloat16, torch.bfloat16, None),
+                              (torch.float32, torch.float32, torch.bfloat16)}
+    (json_path,) = tmp_path.glob("*.json")
+    rows = {(r["impl"], r["dtype"]): r for r in json.loads(json_path.read_text())["rows"]}
+    assert len(rows) == 9
+    for dtype in ("fp32", "bf16", "bf16-autocast"):
+        assert rows["nn.LSTM", dtype]["correct"] and rows["recording", dtype]["correct"]
+        assert rows["swapped", dtype]["check_rel_err"] > 1 and "median_ms" not in rows["swapped", dtype]
+    torch_fp32 = rows["nn.LSTM", "fp32"]
+    for dtype in ("bf16", "bf16-autocast"):
+        r = rows["recording", dtype]
+        assert r["speedup_vs_nn_lstm"] == pytest.approx(rows["nn.LSTM", dtype]["median_ms"] / r["median_ms"])
+        assert r["speedup_vs_nn_lstm_fp32"] == pytest.approx(torch_fp32["median_ms"] / r["median_ms"])
+        assert r["paired_speedup_vs_nn_lstm_fp32"] == run.paired_speedup(torch_fp32["rounds_ms"], r["rounds_ms"])
+        assert set(r["rounds_ms"]) == set(torch_fp32["rounds_ms"])  # timed in the same rounds
+
+
+def test_machine_line_says_what_bf16_runs_on(monkeypatch):
+    from benchmarks import machine
+
+    assert machine.cpu_bf16(None) is None
+    flags = machine.cpu_bf16({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"})
+    assert flags == {"amx_bf16": True, "amx_tile": True, "avx512_bf16": True}
+    assert machine.bf16_text({"cpu_bf16": flags}) == "bf16: AMX yes, AVX512-BF16 yes"
+    no_amx = machine.cpu_bf16({"avx512f", "avx512_bf16"})
+    assert machine.bf16_text({"cpu_bf16": no_amx}) == "bf16: AMX no, AVX512-BF16 yes"
+    assert "unknown" in machine.bf16_text({"cpu_bf16": None})
+    # the native backend's own account of its bf16 GEMM, where it gives one
+    monkeypatch.setattr(machine.native, "bf16_gemm", lambda: "some GEMM", raising=False)
+    monkeypatch.setattr(machine.native, "available", lambda: True)
+    info = machine.machine_info(torch.device("cpu"))
+    assert info["native_bf16_gemm"] == "some GEMM"
+    assert "; bf16: " in machine.machine_line(info) and ", native bf16 GEMM: some GEMM; " in machine.machine_line(info)
+    if info["cpu_bf16"] is not None:  # Linux: the flags are this CPU's
+        assert set(info["cpu_bf16"]) == {"amx_bf16", "amx_tile", "avx512_bf16"}
 
 
 def test_flops_count_by_hand():
@@ -182,7 +256,8 @@ def test_implementation_that_raises_is_reported_and_the_run_goes_on(tmp_path, ca
 
     impls = [run.Impl("broken", broken),
              run.Impl("fast-vectorized", lambda lstm: FastBiLSTM.from_lstm(lstm, backend="vectorized", copy=True))]
-    status = run.main(["--quick", "--shapes", "mnist", "--modes", "inference", "--out", str(tmp_path)], impls=impls)
+    status = run.main(["--quick", "--shapes", "mnist", "--modes", "inference", "--dtypes", "fp32",
+                       "--out", str(tmp_path)], impls=impls)
     assert status == 1
     assert "kernel launch failed" in capsys.readouterr().out
     (json_path,) = tmp_path.glob("*.json")
@@ -207,7 +282,8 @@ def test_loaded_run_has_both_implementations_under_a_busy_process(tmp_path, caps
 
     load.BusyProcess.__enter__ = enter
     try:
-        status = run.main(["--quick", "--loaded", "--shapes", "mnist", "--modes", "inference", "--out", str(tmp_path)])
+        status = run.main(["--quick", "--loaded", "--shapes", "mnist", "--modes", "inference", "--dtypes", "fp32",
+                           "--out", str(tmp_path)])
     finally:
         load.BusyProcess.__enter__ = real_enter
     assert status == 0
@@ -226,23 +302,26 @@ def test_loaded_run_has_both_implementations_under_a_busy_process(tmp_path, caps
 def test_mnist_epochs_take_turns(tmp_path, monkeypatch):
     """--mnist-only: every implementation gets the same number of timed steps, and they take
     turns CHUNK steps at a time (so load from elsewhere lands on all of them alike) after each
-    one's warm-up; the seconds per epoch are scaled from the timed steps."""
+    one's warm-up; the seconds per epoch are scaled from the timed steps. In the precision
+    --dtypes asks for (here bf16-autocast: fp32 models, each step under autocast); the
+    torchvision DataLoader row stays nn.LSTM in fp32."""
     import bilstm_fast.apps.train_mnist as train_mnist
     from benchmarks import mnist_epoch
 
-    order = []
+    order, autocasts = [], {}
     real_step = train_mnist.train_step
 
-    def recording_step(model, *args):
+    def recording_step(model, optimizer, images, labels, autocast=None):
         order.append(id(model))
-        return real_step(model, *args)
+        autocasts[id(model)] = (images.dtype, next(model.parameters()).dtype, autocast)
+        return real_step(model, optimizer, images, labels, autocast)
 
     monkeypatch.setattr(train_mnist, "train_step", recording_step)
     monkeypatch.setattr(mnist_epoch, "CHUNK", 1)
     impls = [run.Impl("fast-vectorized", lambda lstm: FastBiLSTM.from_lstm(lstm, backend="vectorized", copy=True)),
              run.Impl("nn.LSTM", lambda lstm: lstm)]
-    status = run.main(["--mnist-only", "--mnist-steps", "3", "--mnist-workers", "0", "--out", str(tmp_path)],
-                      impls=impls)
+    status = run.main(["--mnist-only", "--mnist-steps", "3", "--mnist-workers", "0", "--dtypes", "bf16-autocast",
+                       "--out", str(tmp_path)], impls=impls)
     assert status == 0
     warmup, steps = 3, 3
     first, second, loader = order[:warmup], order[warmup:2 * warmup], order[2 * (warmup + steps):]
@@ -251,8 +330,12 @@ def test_mnist_epochs_take_turns(tmp_path, monkeypatch):
     assert timed == [first[0], second[0]] * steps  # turns, one step each
     assert len(order) == 2 * (warmup + steps) + warmup + steps  # then the DataLoader row alone
     assert len(set(loader)) == 1 and loader[0] not in (first[0], second[0])
+    fp32 = torch.float32
+    assert [autocasts[k] for k in (first[0], second[0], loader[0])] == [
+        (fp32, fp32, torch.bfloat16), (fp32, fp32, torch.bfloat16), (fp32, fp32, None)]
     (json_path,) = tmp_path.glob("*_mnist.json")
     rows = json.loads(json_path.read_text())["mnist"]
-    assert [(r["impl"], r["loader"].split()[0]) for r in rows] == [
-        ("fast-vectorized", "device-resident"), ("nn.LSTM", "device-resident"), ("nn.LSTM", "torchvision")]
+    assert [(r["impl"], r["dtype"], r["loader"].split()[0]) for r in rows] == [
+        ("fast-vectorized", "bf16-autocast", "device-resident"), ("nn.LSTM", "bf16-autocast", "device-resident"),
+        ("nn.LSTM", "fp32", "torchvision")]
     assert all(r["seconds_per_epoch"] > 0 and r["steps_timed"] == steps and r["extrapolated"] for r in rows)

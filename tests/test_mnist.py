@@ -366,3 +366,82 @@ def test_torchrun_two_processes_match_one(single_process_run, tmp_path):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-4)
         assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=100 / 256 + 1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16: the model cast (--dtype bfloat16) or fp32 under autocast (--autocast bf16)
+
+
+@pytest.mark.parametrize("impl", ["fast", "torch"])
+@pytest.mark.parametrize("how", ["bfloat16", "autocast"])
+def test_bf16_train_step_runs_as_asked(impl, how, one_thread):
+    """--dtype bfloat16: the LSTM, the loss, the parameters and Adam's state in bf16, as
+    `.bfloat16()` gives a user. --autocast bf16: the LSTM's and the classifier's outputs in bf16,
+    the loss (autocast's fp32 list), parameters, gradients and Adam's state in fp32."""
+    from bilstm_fast.apps.train_mnist import build_model, train_step
+
+    dtype = torch.bfloat16 if how == "bfloat16" else torch.float32
+    model = build_model(impl, 0, torch.device("cpu"), hidden_size=8, dtype=dtype)
+    seen = []
+    model.lstm.register_forward_hook(lambda module, args, out: seen.append(out[0].dtype))
+    # Adam's first step moves each weight by about lr: 1e-2 is above a bf16 ulp of every weight
+    # here (|w| < 1: ulp <= 2^-8), where 1e-3 would round away on the larger ones
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    images, labels = torch.rand(4, 28, 28, dtype=dtype), torch.tensor([0, 1, 2, 3])
+    loss, hits = train_step(model, optimizer, images, labels, torch.bfloat16 if how == "autocast" else None)
+    assert seen == [torch.bfloat16]
+    assert loss.dtype == dtype and torch.isfinite(loss) and 0 <= hits <= 4
+    for p, b in zip(model.parameters(), before):
+        assert p.dtype == p.grad.dtype == optimizer.state[p]["exp_avg"].dtype == dtype
+        # every weight with a gradient took a step (the classifier reads the last step only, so
+        # the reverse direction of layer 2 sees one step from h0 = c0 = 0: W_hh and f get none)
+        assert torch.equal(p != b, p.grad != 0)
+
+
+@pytest.mark.parametrize("how", [["--dtype", "bfloat16"], ["--autocast", "bf16"]], ids=["bfloat16", "autocast"])
+def test_bf16_compare_and_train(how, mnist, tmp_path, capsys, monkeypatch, one_thread):
+    """--compare in bf16: both implementations (and the control) train the same 3 steps side by
+    side under the asked precision, which the summary, the file name and the table record; a
+    single-implementation run passes the same precision to every step."""
+    from bilstm_fast.apps import train_mnist
+
+    # the images this module has loaded already: reading the bundled file again takes seconds
+    monkeypatch.setattr(train_mnist, "find_mnist", lambda *args: (small_subset(mnist, 192, 100), "loaded"))
+    autocasts = []
+    real_step = train_mnist.train_step
+
+    def recording_step(model, optimizer, images, labels, autocast=None):
+        autocasts.append((images.dtype, next(model.parameters()).dtype, autocast))
+        return real_step(model, optimizer, images, labels, autocast)
+
+    monkeypatch.setattr(train_mnist, "train_step", recording_step)
+    tiny = ["--device", "cpu", "--hidden-size", "8", "--limit", "192", "--test-limit", "100", "--epochs", "1"]
+    summary = main(["--compare", "--control", *tiny, *how, "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    stored, autocast = (torch.bfloat16, None) if how[0] == "--dtype" else (torch.float32, torch.bfloat16)
+    assert set(autocasts) == {(stored, stored, autocast)} and len(autocasts) == 3 * 3
+    assert summary["precision"] == ("bfloat16" if how[0] == "--dtype" else "float32, autocast bf16")
+    assert summary["hyperparameters"]["autocast"] == (None if how[0] == "--dtype" else "bf16")
+    assert summary["tolerances"]["rel_diff_first_steps"] == train_mnist.REL_TOL_BF16
+    assert all(len(summary["losses"][name]) == 3 for name in ("torch", "fast", train_mnist.CONTROL))
+    # the first step starts from the same weights on the same batch: a few bf16 roundings apart
+    # (a bf16 loss near 2.3 has an ulp of 0.7%; two ulps allowed)
+    assert summary["max_rel_diff_first_steps"] <= 5e-2
+    assert abs(summary["losses"]["fast"][0] / summary["losses"]["torch"][0] - 1) <= 1.5e-2
+    stem = "mnist_compare_cpu" + ("_bfloat16" if how[0] == "--dtype" else "_autocast_bf16")
+    written = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert written["precision"] == summary["precision"] and written["epochs"][0]["fast"]["train_seconds"] > 0
+    assert (tmp_path / f"{stem}.png").exists() or "skipping the loss plot" in out
+    table = out[out.index("same seed, same batches"):]
+    assert all(name in table for name in ("nn.LSTM ", "FastBiLSTM", "1 ulp off", "train s"))
+    autocasts.clear()
+    main([*tiny, *how, "--impl", "torch"])
+    assert set(autocasts) == {(stored, stored, autocast)} and len(autocasts) == 3
+
+
+def test_autocast_wants_a_float32_model():
+    from bilstm_fast.apps import train_mnist
+
+    with pytest.raises(SystemExit):
+        train_mnist.parse_args(["--autocast", "bf16", "--dtype", "bfloat16"])
