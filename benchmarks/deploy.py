@@ -21,13 +21,10 @@ import bilstm_fast
 from bilstm_fast import FastBiLSTM
 
 from .implementations import Impl
-from .shapes import Shape, quick_shape
+from .shapes import SHAPES, quick_shape
 
 # The deployment shapes: an NER tagger and a batch-1 stream
-DEPLOY_SHAPES = [
-    Shape("ner", B=24, T=96, I=200, H=384),
-    Shape("stream-b1", B=1, T=200, I=256, H=320),
-]
+DEPLOY_SHAPES = [SHAPES["ner"], SHAPES["stream-b1"]]
 
 
 def deploy_shapes(quick):
