@@ -183,6 +183,9 @@ class LSTMLayerFunction(torch.autograd.Function):
         need = getattr(ctx, "need", None) or ctx.needs_input_grad
         if torch.is_grad_enabled() and not any(map(_vmapped, (dout, dh_n, dc_n))):
             return differentiable_backward(need, x, h0, c0, lengths, params, dout, dh_n, dc_n)
+        # (a compiled backward cannot meet the legacy vmap, and dynamo cannot trace the check)
+        if not torch.compiler.is_compiling() and any(map(_legacy_batched, (dout, dh_n, dc_n))):
+            return legacy_batched_backward(ctx, dout, dh_n, dc_n)
         T, B, _ = x.shape
         D = h0.shape[0]
         w_ih, w_hh, _, w_hr = split_directions(params, D)
@@ -264,6 +267,37 @@ def _vmapped(t):
     """Whether t is batched by torch.vmap (jacrev batches the cotangents). The custom ops
     batch by their vmap rules; a nested autograd.grad would not see the batch."""
     return t is not None and torch._C._functorch.is_batchedtensor(t)
+
+
+def _legacy_batched(t):
+    """Whether t is batched by the legacy vmap of torch._vmap_internals: what
+    autograd.grad(is_grads_batched=True), jacobian(vectorize=True) and gradcheck's batched
+    gradient check batch the cotangents with."""
+    return t is not None and torch._C._functorch.is_legacy_batchedtensor(t)
+
+
+def legacy_batched_backward(ctx, dout, dh_n, dc_n):
+    """The backward for cotangents batched by the legacy vmap, which has no way to register a
+    batching rule for the backends' kernels: the batch is taken out of the cotangents and the
+    same backward runs under torch.func.vmap, whose rules for the custom ops (ops.py) fold it into
+    the recurrence's batch axis. The legacy vmap offers no query for its current level, only
+    increment and decrement; the innermost level, the cotangents', is one below what
+    incrementing returns (undone at once)."""
+    level = torch._C._vmapmode_increment_nesting() - 1
+    torch._C._vmapmode_decrement_nesting()
+    grads = (dout, dh_n, dc_n)
+    in_dims = tuple(0 if _legacy_batched(g) else None for g in grads)
+    # the batch size argument only expands a tensor not batched at `level`: these all are
+    physical = [g if d is None else torch._remove_batch_dim(g, level, 0, 0) for g, d in zip(grads, in_dims)]
+    none_at = []  # where the backward's results are None: vmap returns tensors only
+
+    def backward(*grads):
+        result = LSTMLayerFunction.backward(ctx, *grads, None, None)
+        none_at[:] = [r is None for r in result]
+        return tuple(r for r in result if r is not None)
+
+    batched = iter(torch.func.vmap(backward, in_dims=in_dims)(*physical))
+    return tuple(None if none else torch._add_batch_dim(next(batched), 0, level) for none in none_at)
 
 
 def differentiable_backward(need, x, h0, c0, lengths, params, dout, dh_n, dc_n):
