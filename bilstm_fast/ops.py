@@ -115,10 +115,11 @@ def _vmap_by_loop(op):
     return rule
 
 
-def _vmap_by_folding(op, arg_axes, out_axes):
+def _vmap_by_folding(op, arg_axes):
     """vmap rule: fold the vmap batch into the recurrence's own batch axis B, one call for all.
     Batch entry k of N takes rows k*B .. k*B+B-1 of the N*B rows (B the axis `arg_axes` names
-    in each argument, None where an argument has none); unbatched arguments are repeated N times.
+    in each argument, None where an argument has none; every result has it at 1); unbatched
+    arguments are repeated N times.
     The backward is linear in its cotangents given the saved forward state, and the forward's
     rows are independent, so this is exact. Cost: the saved state (gates, cs) is copied N times
     when only the cotangents are batched, as jacobian/jacrev/is_grads_batched batch them; and
@@ -130,13 +131,12 @@ def _vmap_by_folding(op, arg_axes, out_axes):
         if any(d is not None and axis is None for d, axis in zip(in_dims, arg_axes)):
             return loop(info, in_dims, *args)
         n = info.batch_size
-        # B, from any argument with the axis (the first: gx, or dout)
-        B = next(a.shape[axis if d is None else axis + (d <= axis)] for a, d, axis in zip(args, in_dims, arg_axes)
-                 if axis is not None and a is not None)
-        folded = [a if axis is None or a is None else _fold(a, d, axis, n) for a, d, axis in zip(args, in_dims, arg_axes)]
+        d0 = in_dims[0]  # gx's or dout's [T, B, ...] gives B
+        B = args[0].shape[1 + (d0 is not None and d0 <= 1)]
+        folded = [a if axis is None or a is None else _fold(a, d, axis, n)
+                  for a, d, axis in zip(args, in_dims, arg_axes)]
         outputs = tuple(
-            o if o.numel() == 0 else o.unflatten(axis, (n, B)).movedim(axis, 0).contiguous()
-            for o, axis in zip(op(*folded), out_axes)
+            o if o.numel() == 0 else o.unflatten(1, (n, B)).movedim(1, 0).contiguous() for o in op(*folded)
         )
         return outputs, tuple(None if o.numel() == 0 else 0 for o in outputs)  # empty: the unused dh
 
@@ -153,14 +153,14 @@ def _fold(a, d, axis, n):
     return a.flatten(axis, axis + 1)
 
 
-# the B axis of each argument and result: [T, B, ...] tensors 1, [D, B, ...] states 1, lengths 0
-_STATE = (1, None, 1, 1, 0, None, None)  # gx, w_hh, h0, c0, lengths, backend, w_hr
-torch.library.register_vmap(recurrence_forward, _vmap_by_folding(recurrence_forward, _STATE, (1,) * 5))
-torch.library.register_vmap(recurrence_inference, _vmap_by_folding(recurrence_inference, _STATE, (1,) * 3))
+# the B axis of each argument: [T, B, ...] tensors 1, [D, B, ...] states 1, lengths 0
+_FORWARD_AXES = (1, None, 1, 1, 0, None, None)  # gx, w_hh, h0, c0, lengths, backend, w_hr
+torch.library.register_vmap(recurrence_forward, _vmap_by_folding(recurrence_forward, _FORWARD_AXES))
+torch.library.register_vmap(recurrence_inference, _vmap_by_folding(recurrence_inference, _FORWARD_AXES))
 torch.library.register_vmap(
     recurrence_backward,
-    # dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, backend, w_hr -> dgates, dh0, dc0, dh
-    _vmap_by_folding(recurrence_backward, (1, 1, 1, None, 1, 1, 1, 0, None, None), (1,) * 4),
+    # dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, backend, w_hr
+    _vmap_by_folding(recurrence_backward, (1, 1, 1, None, 1, 1, 1, 0, None, None)),
 )
 
 
