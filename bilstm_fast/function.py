@@ -306,6 +306,9 @@ def legacy_batched_backward(backend, need, saved, dout, dh_n, dc_n):
     in_dims = tuple(0 if _legacy_batched(g) else None for g in grads)
     # the batch size argument only expands a tensor not batched at `level`: these all are
     physical = [g if d is None else torch._remove_batch_dim(g, level, 0, 0) for g, d in zip(grads, in_dims)]
+    if any(map(_legacy_batched, physical)):  # still batched: at an outer level too
+        raise NotImplementedError("FastBiLSTM: a backward inside nested legacy vmaps (torch._vmap_internals) is not "
+                                  "supported; torch.func.vmap nests")
     none_at = []  # where the backward's results are None: vmap returns tensors only
 
     def backward(*grads):
