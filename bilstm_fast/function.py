@@ -182,48 +182,68 @@ class LSTMLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dh_n, dc_n, _dgates, _dcs):
-        x, h0, c0, lengths, out, gates, cs, *params = ctx.saved_tensors
+        saved = ctx.saved_tensors
         need = getattr(ctx, "need", None) or ctx.needs_input_grad
+        # a compiled backward meets neither dead wrappers nor the legacy vmap, and dynamo cannot
+        # trace their checks
+        compiled = torch.compiler.is_compiling()
+        if not compiled and torch._C._functorch.is_dead_tensor_wrapper(saved[4]):
+            # torch.func.vjp's vjp_fn runs after its transform has ended, grad mode on: what it
+            # saved are dead wrappers then (out is one if any input was), which the backends cannot
+            # read and a differentiable backward's autograd.grad no longer reaches (zero gradients)
+            saved = [t if t is None else torch._C._functorch.unwrap_if_dead(t) for t in saved]
+            with torch.no_grad():
+                return first_order_backward(ctx.backend, need, saved, dout, dh_n, dc_n)
         if torch.is_grad_enabled() and not any(map(_vmapped, (dout, dh_n, dc_n))):
+            x, h0, c0, lengths, _, _, _, *params = saved
             return differentiable_backward(need, x, h0, c0, lengths, params, dout, dh_n, dc_n)
-        T, B, _ = x.shape
-        D = h0.shape[0]
-        w_ih, w_hh, _, w_hr = split_directions(params, D)
-        P = h0.shape[2]
-        out = out.view(T, B, D, P)
-        # outputs the caller did not use arrive as None
-        dout = torch.zeros_like(out) if dout is None else dout.reshape(T, B, D, P)
-        dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
-        dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
-        dgates, dh0, dc0, dhs = ops.backward(
-            dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, ctx.backend, w_hr
-        )
-        dh0 = dh0.to(h0.dtype) if need[1] else None
-        dc0 = dc0.to(c0.dtype) if need[2] else None
-        per_direction = len(params) // D
-        proj = w_hr is not None
-        need_d = [need[5 + d * per_direction:5 + (d + 1) * per_direction] for d in range(D)]
-        need_bias = [n[2:per_direction - proj] for n in need_d]
-        h_prev = previous_hidden(out, h0, lengths) if any(n[1] for n in need_d) else None  # [T, B, D, P]
-        dx, dw_ih, dw_hh, db = input_and_weight_gradients(
-            ctx.backend, dgates, x, h_prev, w_ih, need[0], [n[0] for n in need_d], [n[1] for n in need_d],
-            [any(n) for n in need_bias],
-        )
-        r = None
-        param_grads = []
-        for d in range(D):
-            param_grads += [dw_ih[d], dw_hh[d]]
-            for k, needed in enumerate(need_bias[d]):
-                # every bias term gets its own copy of the one gradient (a 4H vector: negligible)
-                param_grads.append(None if not needed else db[d] if k == need_bias[d].index(True) else db[d].clone())
-            if proj:
-                dw_hr = None
-                if need_d[d][-1]:
-                    if r is None:
-                        r = projected_input(gates, cs, x.dtype)  # [T, B, D, H]
-                    dw_hr = sum_over_rows(dhs[:, :, d].reshape(T * B, P), r[:, :, d].reshape(T * B, -1))
-                param_grads.append(dw_hr)
-        return (dx, dh0, dc0, None, None, *param_grads)
+        if not compiled and any(map(_legacy_batched, (dout, dh_n, dc_n))):
+            return legacy_batched_backward(ctx.backend, need, saved, dout, dh_n, dc_n)
+        return first_order_backward(ctx.backend, need, saved, dout, dh_n, dc_n)
+
+
+def first_order_backward(backend, need, saved, dout, dh_n, dc_n):
+    """The backward from the backend's recurrence backward and the GEMMs after it, for the
+    Function's saved tensors and incoming gradients -> the Function's input gradients."""
+    x, h0, c0, lengths, out, gates, cs, *params = saved
+    T, B, _ = x.shape
+    D = h0.shape[0]
+    w_ih, w_hh, _, w_hr = split_directions(params, D)
+    P = h0.shape[2]
+    out = out.view(T, B, D, P)
+    # outputs the caller did not use arrive as None
+    dout = torch.zeros_like(out) if dout is None else dout.reshape(T, B, D, P)
+    dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
+    dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
+    dgates, dh0, dc0, dhs = ops.backward(
+        dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, backend, w_hr
+    )
+    dh0 = dh0.to(h0.dtype) if need[1] else None
+    dc0 = dc0.to(c0.dtype) if need[2] else None
+    per_direction = len(params) // D
+    proj = w_hr is not None
+    need_d = [need[5 + d * per_direction:5 + (d + 1) * per_direction] for d in range(D)]
+    need_bias = [n[2:per_direction - proj] for n in need_d]
+    h_prev = previous_hidden(out, h0, lengths) if any(n[1] for n in need_d) else None  # [T, B, D, P]
+    dx, dw_ih, dw_hh, db = input_and_weight_gradients(
+        backend, dgates, x, h_prev, w_ih, need[0], [n[0] for n in need_d], [n[1] for n in need_d],
+        [any(n) for n in need_bias],
+    )
+    r = None
+    param_grads = []
+    for d in range(D):
+        param_grads += [dw_ih[d], dw_hh[d]]
+        for k, needed in enumerate(need_bias[d]):
+            # every bias term gets its own copy of the one gradient (a 4H vector: negligible)
+            param_grads.append(None if not needed else db[d] if k == need_bias[d].index(True) else db[d].clone())
+        if proj:
+            dw_hr = None
+            if need_d[d][-1]:
+                if r is None:
+                    r = projected_input(gates, cs, x.dtype)  # [T, B, D, H]
+                dw_hr = sum_over_rows(dhs[:, :, d].reshape(T * B, P), r[:, :, d].reshape(T * B, -1))
+            param_grads.append(dw_hr)
+    return (dx, dh0, dc0, None, None, *param_grads)
 
 
 def input_and_weight_gradients(backend, dgates, x, h_prev, w_ih, need_dx, need_w_ih, need_w_hh, need_bias):
@@ -270,6 +290,40 @@ def _vmapped(t):
     """Whether t is batched by torch.vmap (jacrev batches the cotangents). The custom ops
     batch by their vmap rules; a nested autograd.grad would not see the batch."""
     return t is not None and torch._C._functorch.is_batchedtensor(t)
+
+
+def _legacy_batched(t):
+    """Whether t is batched by the legacy vmap of torch._vmap_internals: what
+    autograd.grad(is_grads_batched=True), jacobian(vectorize=True) and gradcheck's batched
+    gradient check batch the cotangents with."""
+    return t is not None and torch._C._functorch.is_legacy_batchedtensor(t)
+
+
+def legacy_batched_backward(backend, need, saved, dout, dh_n, dc_n):
+    """The backward for cotangents batched by the legacy vmap, which has no way to register a
+    batching rule for the backends' kernels: the batch is taken out of the cotangents and the
+    same backward runs under torch.func.vmap, whose rules for the custom ops (ops.py) fold it into
+    the recurrence's batch axis. The legacy vmap offers no query for its current level, only
+    increment and decrement; the innermost level, the cotangents', is one below what
+    incrementing returns (undone at once)."""
+    level = torch._C._vmapmode_increment_nesting() - 1
+    torch._C._vmapmode_decrement_nesting()
+    grads = (dout, dh_n, dc_n)
+    in_dims = tuple(0 if _legacy_batched(g) else None for g in grads)
+    # the batch size argument only expands a tensor not batched at `level`: these all are
+    physical = [g if d is None else torch._remove_batch_dim(g, level, 0, 0) for g, d in zip(grads, in_dims)]
+    if any(map(_legacy_batched, physical)):  # still batched: at an outer level too
+        raise NotImplementedError("FastBiLSTM: a backward inside nested legacy vmaps (torch._vmap_internals) is not "
+                                  "supported; torch.func.vmap nests")
+    none_at = []  # where the backward's results are None: vmap returns tensors only
+
+    def backward(*grads):
+        result = first_order_backward(backend, need, saved, *grads)
+        none_at[:] = [r is None for r in result]
+        return tuple(r for r in result if r is not None)
+
+    batched = iter(torch.func.vmap(backward, in_dims=in_dims)(*physical))
+    return tuple(None if none else torch._add_batch_dim(next(batched), 0, level) for none in none_at)
 
 
 def differentiable_backward(need, x, h0, c0, lengths, params, dout, dh_n, dc_n):

@@ -212,9 +212,18 @@ class FastBiLSTM(nn.RNNBase):
         return layers
 
     @staticmethod
-    def _check_hx_pair(hx):
-        """hx must be (h_0, c_0): nn.LSTM fails on other shapes of hx with AttributeError or
-        IndexError, and iterating a stacked [2, ...] tensor would silently pass as a pair."""
+    def _hx_pair(hx, rebuilt):
+        """hx as the pair (h_0, c_0), or the error nn.LSTM raises. nn.LSTM hands hx to its kernel
+        as it is, which takes a tuple or list of two tensors, except where it rebuilds the pair
+        itself (`rebuilt`: unbatched input, packed input with sorted_indices): there a tensor whose
+        first axis holds the two, a stacked [2, L*D, (B,) H], works too. Elsewhere nn.LSTM checks
+        such a tensor's hx[0] and hx[1] and then refuses it (forward)."""
+        if isinstance(hx, torch.Tensor):
+            if hx.dim() == 0 or hx.shape[0] < 2:  # nn.LSTM fails indexing hx[1]
+                raise IndexError(
+                    f"LSTM expects hx to hold (h_0, c_0) along its first axis, got shape {tuple(hx.shape)}"
+                )
+            hx = tuple(hx) if rebuilt else (hx[0], hx[1])
         if not isinstance(hx, (tuple, list)):
             raise TypeError(f"LSTM expects hx to be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
         if len(hx) != 2:
@@ -224,6 +233,7 @@ class FastBiLSTM(nn.RNNBase):
                 raise TypeError(f"LSTM expects {name} to be a Tensor, got {type(t).__name__}")
             if t.layout != torch.strided:
                 raise TypeError(f"LSTM expects a dense (strided) {name}, got layout {t.layout}")
+        return hx
 
     @staticmethod
     def _check_packed(packed):
@@ -324,8 +334,11 @@ class FastBiLSTM(nn.RNNBase):
             raise TypeError(f"LSTM expects input to be a Tensor or PackedSequence, got {type(input).__name__}")
         if not packed and input.layout != torch.strided:
             raise TypeError(f"LSTM expects a dense (strided) input tensor, got layout {input.layout}")
+        stacked_hx = False
         if hx is not None:
-            self._check_hx_pair(hx)
+            rebuilt = input.sorted_indices is not None if packed else input.dim() == 2
+            stacked_hx = isinstance(hx, torch.Tensor) and not rebuilt
+            hx = self._hx_pair(hx, rebuilt)
         layers = self._check_parameters()
         if packed:
             self._check_packed(input)
@@ -367,6 +380,11 @@ class FastBiLSTM(nn.RNNBase):
             x = input.transpose(0, 1) if self.batch_first else input
             if x.shape[0] == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if stacked_hx:
+            raise TypeError(
+                "LSTM expects hx to be a tuple (h_0, c_0) of two tensors, got Tensor (as nn.LSTM, a stacked "
+                "tensor only for unbatched input or packed input with sorted_indices)"
+            )
         if hx is None:
             c_zeros = x.new_zeros(self.num_layers * D, x.shape[1], self.hidden_size)
             h_zeros = x.new_zeros(self.num_layers * D, x.shape[1], self.proj_size) if self.proj_size > 0 else c_zeros

@@ -110,8 +110,7 @@ def _(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, backend, w_hr=None):
 
 
 def _vmap_by_loop(op):
-    """vmap rule: run the op once per batch entry and stack (the recurrence has no batched
-    form beyond its own batch axis; torch.func.jacrev's cotangent batches are small)."""
+    """vmap rule: run the op once per batch entry and stack."""
 
     def rule(info, in_dims, *args):
         per_call = []
@@ -124,8 +123,53 @@ def _vmap_by_loop(op):
     return rule
 
 
-for _op in (recurrence_forward, recurrence_inference, recurrence_backward):
-    torch.library.register_vmap(_op, _vmap_by_loop(_op))
+def _vmap_by_folding(op, arg_axes):
+    """vmap rule: fold the vmap batch into the recurrence's own batch axis B, one call for all.
+    Batch entry k of N takes rows k*B .. k*B+B-1 of the N*B rows (B the axis `arg_axes` names
+    in each argument, None where an argument has none; every result has it at 1); unbatched
+    arguments are repeated N times.
+    The backward is linear in its cotangents given the saved forward state, and the forward's
+    rows are independent, so this is exact. Cost: the saved state (gates, cs) is copied N times
+    when only the cotangents are batched, as jacobian/jacrev/is_grads_batched batch them; and
+    each result is copied once into the vmap layout. A batched weight (an ensemble vmapped over
+    its parameters) cannot fold: one call per batch entry."""
+    loop = _vmap_by_loop(op)
+
+    def rule(info, in_dims, *args):
+        if any(d is not None and axis is None for d, axis in zip(in_dims, arg_axes)):
+            return loop(info, in_dims, *args)
+        n = info.batch_size
+        d0 = in_dims[0]  # gx's or dout's [T, B, ...] gives B
+        B = args[0].shape[1 + (d0 is not None and d0 <= 1)]
+        folded = [a if axis is None or a is None else _fold(a, d, axis, n)
+                  for a, d, axis in zip(args, in_dims, arg_axes)]
+        outputs = tuple(
+            o if o.numel() == 0 else o.unflatten(1, (n, B)).movedim(1, 0).contiguous() for o in op(*folded)
+        )
+        return outputs, tuple(None if o.numel() == 0 else 0 for o in outputs)  # empty: the unused dh
+
+    return rule
+
+
+def _fold(a, d, axis, n):
+    """a (vmap batch dimension d, or None) -> its unbatched layout with the batch folded into
+    `axis`, batch entry outermost: [.., n*B, ..]."""
+    if d is None:
+        a = a.unsqueeze(axis).expand(*a.shape[:axis], n, *a.shape[axis:])
+    else:
+        a = a.movedim(d, axis)
+    return a.flatten(axis, axis + 1)
+
+
+# the B axis of each argument: [T, B, ...] tensors 1, [D, B, ...] states 1, lengths 0
+_FORWARD_AXES = (1, None, 1, 1, 0, None, None)  # gx, w_hh, h0, c0, lengths, backend, w_hr
+torch.library.register_vmap(recurrence_forward, _vmap_by_folding(recurrence_forward, _FORWARD_AXES))
+torch.library.register_vmap(recurrence_inference, _vmap_by_folding(recurrence_inference, _FORWARD_AXES))
+torch.library.register_vmap(
+    recurrence_backward,
+    # dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, backend, w_hr
+    _vmap_by_folding(recurrence_backward, (1, 1, 1, None, 1, 1, 1, 0, None, None)),
+)
 
 
 def eager():

@@ -11,20 +11,29 @@ them from [-9, 9]), so its rounding error scales with the tensor, not with each 
 on sample 28 (bidirectional, bias, batch_first): weight_ih_l0_reverse's gradient has magnitude
 up to 5.5, and nn.LSTM's own fp32 result is 9.4e-7 from the float64 one (FastBiLSTM's 4.9e-7),
 so two fp32 results may differ by ~1.5e-6 on a small element of it.
+
+test_module_info_gradients runs test/test_modules.py's test_grad and test_gradgrad on FastBiLSTM:
+PyTorch's gradcheck and gradgradcheck wrappers (batched gradients on, fast mode) in float64, of the
+outputs with respect to the inputs and all parameters, then each parameter alone. The whole matrix
+(32 samples x train/eval x every backend x both checks) takes hours on a 2-core CPU, the Triton
+interpreter nearly all of it (~0.3 s a call, ~100 s a sample): CI runs a rotation of it (see
+ci_picks), BILSTM_FAST_FULL_GRADCHECK=1 all of it.
 """
 import os
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend runs interpreted on CPU
 
 from torch.testing._internal.common_modules import ModuleErrorEnum, module_db  # noqa: E402
+from torch.testing._internal.common_utils import freeze_rng_state, gradcheck, gradgradcheck  # noqa: E402
 
 from bilstm_fast import FastBiLSTM  # noqa: E402
-from helpers import every_backend  # noqa: E402
+from helpers import every_backend, torch_threads  # noqa: E402
 
 BACKENDS = every_backend()
 
@@ -121,3 +130,87 @@ def test_module_info_error_input(k, backend):
         model = nn.LSTM(*ctor.args, **ctor.kwargs)
         forward = error.module_error_input.forward_input
         model(*forward.args, **forward.kwargs)
+
+
+# ------------------------------------------------------------- gradients, as test_modules.py does
+
+CHECKS = {"grad": gradcheck, "gradgrad": gradgradcheck}
+FULL_GRADCHECK = os.environ.get("BILSTM_FAST_FULL_GRADCHECK", "") not in ("", "0")
+# What CI runs of the matrix (about 30 s on a 2-core CPU). Sample k is configuration k // 2
+# (bias, batch_first, bidirectional, proj_size in turn, the last fastest), without (even k) and
+# with (odd k) hx. test_grad: every sample, on the CPU backends in turn and in train and eval
+# mode in turn, so each backend meets both directions, both proj sizes, hx and none.
+# test_gradgrad (5-20x test_grad's time; the backend only runs the forward, whose output the plain
+# torch recompute behind create_graph=True differentiates): one sample per direction count and
+# proj size, without bias (the bias adds two parameters, and a partial check each).
+GRADGRAD_IN_CI = (1, 2, 5, 6)
+# Triton under the interpreter costs ~0.3 s a forward or backward at these sizes and one check runs
+# ~20 of them: in CI one partial check of test_grad, with hx and both directions, on the second
+# layer's reverse weight (its gradient passes through both layers' backward). The partial checks
+# differ across backends only in function.py's need flags, which the vectorized backend shares.
+TRITON_IN_CI = ("grad", 4, "weight_hh_l1_reverse")
+
+
+def ci_picks(check, k, training, backend, cpu):
+    """Whether CI runs this case of the matrix, and on which parameters: None for all of them
+    (test_modules.py's checks), else the name of the one parameter of a single partial check."""
+    if backend == "triton":
+        return (check, k) == TRITON_IN_CI[:2] and training, TRITON_IN_CI[2]
+    if check == "gradgrad":
+        if k not in GRADGRAD_IN_CI:
+            return False, None
+        turn = GRADGRAD_IN_CI.index(k)
+    else:
+        turn = k + k // 2  # config parity + hx: the backends alternate within each configuration's pair
+    return backend == cpu[turn % len(cpu)] and training == (k // 4 % 2 == 0), None
+
+
+def gradient_cases():
+    names = [b.values[0] if hasattr(b, "values") else b for b in BACKENDS]
+    cpu = [name for name in names if name != "triton"]
+    for check in CHECKS:
+        for k in range(len(SAMPLE_IDS)):
+            for training in (True, False):
+                for backend, param in zip(names, BACKENDS):
+                    picked, only = ci_picks(check, k, training, backend, cpu)
+                    if FULL_GRADCHECK or picked:
+                        only = None if FULL_GRADCHECK else only
+                        case_id = f"{SAMPLE_IDS[k]}-{check}-{'train' if training else 'eval'}-{backend}"
+                        yield pytest.param(check, k, training, backend, only, marks=getattr(param, "marks", ()),
+                                           id=case_id + (f"-{only}" if only else ""))
+
+
+@pytest.mark.parametrize("check, k, training, backend, only", gradient_cases())
+def test_module_info_gradients(check, k, training, backend, only):
+    """test_modules.py's _test_gradients_helper: the total derivative (inputs and every
+    parameter), then the partial derivatives with respect to the inputs and each parameter alone;
+    with `only`, that one partial check."""
+    sample = samples(torch.float64, training)[k]
+    model = FastBiLSTM(*sample.constructor_input.args, **sample.constructor_input.kwargs, dtype=torch.float64,
+                       backend=backend).train(training)
+    args = sample.forward_input.args
+    assert not sample.forward_input.kwargs  # nn.LSTM's samples pass everything positionally
+    params = dict(model.named_parameters())
+    spec = None
+
+    def fn(*flat):
+        rebuilt = tree_unflatten(flat, spec)
+        with freeze_rng_state():
+            return tree_leaves(model(*rebuilt[:len(args)]))
+
+    def run_check():
+        nonlocal spec
+        flat, spec = tree_flatten(args + tuple(params.values()))
+        assert CHECKS[check](fn, flat, nondet_tol=0.0)
+
+    # one thread: at these sizes (T <= 3, B = 1, H = 3) the native backend's fork/join per call
+    # costs more than the work, and on a shared 2-core machine many times more
+    with torch_threads(1):
+        if only is None:
+            run_check()
+        for p in params.values():
+            p.requires_grad_(False)
+        for name in [only] if only else params:
+            params[name].requires_grad_(True)
+            run_check()
+            params[name].requires_grad_(False)

@@ -395,6 +395,31 @@ def test_jit_script_error_points_to_what_works():
 # ---------------------------------------------------------------- fidelity details
 
 
+@pytest.mark.parametrize("kind", ["unbatched", "packed-unsorted"])
+def test_stacked_hx_where_nn_lstm_takes_it(kind):
+    """nn.LSTM takes hx as one tensor [2, L*D, (B,) H] where it rebuilds the pair itself:
+    unbatched input, and packed input with sorted_indices (FastBiLSTM raised TypeError). The
+    calls it refuses are in test_errors.py."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    ref, fast = pair("auto", num_layers=2)
+    if kind == "unbatched":
+        x, hx = torch.randn(5, 3, dtype=torch.float64), torch.randn(2, 4, 4, dtype=torch.float64)
+    else:
+        x, hx = torch.randn(5, 2, 3, dtype=torch.float64), torch.randn(2, 4, 2, 4, dtype=torch.float64)
+    results = []
+    for model in (ref, fast):
+        stacked = hx.clone().requires_grad_()
+        inp = x if kind == "unbatched" else pack_padded_sequence(x, torch.tensor([3, 5]), enforce_sorted=False)
+        out, (h_n, c_n) = model(inp, stacked)
+        out = out if kind == "unbatched" else out.data
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        loss = (out * weights).sum() + h_n.sum() + c_n.square().sum()
+        results.append([out, h_n, c_n, *torch.autograd.grad(loss, [stacked, *model.parameters()])])
+    for k, (got, want) in enumerate(zip(results[1], results[0])):
+        torch.testing.assert_close(got, want, **F64, msg=lambda m: f"result {k}: {m}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_dropout_draws_the_masks_nn_lstm_draws(backend, packed):

@@ -44,8 +44,13 @@ BAD_CALLS = {  # id: (input, hx, exception, message pattern)
     "h0-3d-for-unbatched": (zeros(5, I), (zeros(2 * L, 1, H), zeros(2 * L, 1, H)), RuntimeError,
                             "hx and cx should also be 2-D"),
     "empty-sequence": (zeros(0, 2, I), None, RuntimeError, "sequence length to be larger than 0"),
-    "hx-single-tensor": (X, STATE, TypeError, "hx to be a tuple \\(h_0, c_0\\) of two tensors, got Tensor"),
-    "hx-stacked-tensor": (X, torch.stack([STATE, STATE]), TypeError, "hx to be a tuple"),
+    # a tensor hx: nn.LSTM checks hx[0] and hx[1], then refuses it for batched padded input (it
+    # takes one for unbatched input and packed input with sorted_indices: test_dropin.py)
+    "hx-single-tensor": (X, STATE, RuntimeError, "hx and cx should also be 3-D"),
+    "hx-stacked-tensor": (X, torch.stack([STATE, STATE]), TypeError,
+                          "hx to be a tuple \\(h_0, c_0\\) of two tensors, got Tensor \\(as nn.LSTM"),
+    "hx-stacked-wrong-batch": (X, zeros(2, 2 * L, 3, H), RuntimeError, "Expected hidden\\[0\\] size"),
+    "hx-stacked-one-state": (X, STATE[None], IndexError, "hold \\(h_0, c_0\\) along its first axis, got shape"),
     "hx-three-states": (X, (STATE, STATE, STATE), RuntimeError, "two hidden states \\(h_0, c_0\\), got 3"),
     "hx-one-state": (X, (STATE,), RuntimeError, "two hidden states \\(h_0, c_0\\), got 1"),
     "c0-None": (X, (STATE, None), TypeError, "c_0 to be a Tensor, got NoneType"),
@@ -89,7 +94,8 @@ BAD_CALLS = {  # id: (input, hx, exception, message pattern)
 }
 # the calls nn.LSTM refuses with the same exception type (the others it runs, or refuses otherwise)
 LIKE_NN_LSTM = ["1d-input", "4d-input", "wrong-features", "wrong-dtype", "h0-wrong-batch", "c0-wrong-hidden",
-                "h0-2d-for-batched", "h0-3d-for-unbatched", "empty-sequence"]
+                "h0-2d-for-batched", "h0-3d-for-unbatched", "empty-sequence", "hx-single-tensor", "hx-stacked-tensor",
+                "hx-stacked-wrong-batch", "hx-stacked-one-state", "hx-three-states"]
 
 
 @pytest.mark.parametrize("name", list(BAD_CALLS))
