@@ -142,32 +142,20 @@ static ALWAYS_INLINE void backward_rows_for(bool proj, bool copy, Args... args) 
 
 // The multiversioned entry points (target_clones wants plain functions, not templates), one per
 // (storage type, input projection type). Without gates (nullptr) the forward is the inference variant.
-#define FORWARD_ROWS(S, GX)                                                                                        \
-  MULTI_TARGET void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const GX* gx, const int64_t* gx_rows, \
-                                     int64_t gx_rs, const Acc<S>* bias, const Acc<S>* hw, S* h, Acc<S>* c, S* out,   \
-                                     int64_t rs, Acc<S>* gates, int64_t g_rs, Acc<S>* cs, bool proj) {                    \
-    forward_rows_for<S, GX>(gates != nullptr, proj, n, rows, H, gx, gx_rows, gx_rs, bias, hw, h, c, out, rs, gates,  \
-                            g_rs, cs);                                                                               \
+#define FORWARD_ROWS(S, GX)                                                                                  \
+  MULTI_TARGET FORWARD_ROWS_SIGNATURE(S, GX) {                                                                 \
+    forward_rows_for<S, GX>(gates != nullptr, proj, n, rows, H, gx, gx_rows, gx_rs, bias, hw, h, c, out, rs, gates, \
+                            g_rs, cs);                                                                         \
   }
-FORWARD_ROWS(float, float)
-FORWARD_ROWS(double, double)
-FORWARD_ROWS(c10::BFloat16, c10::BFloat16)
-FORWARD_ROWS(c10::BFloat16, float)
-FORWARD_ROWS(c10::Half, c10::Half)
-FORWARD_ROWS(c10::Half, float)
+FOR_EACH_FORWARD_TYPE(FORWARD_ROWS)
 #undef FORWARD_ROWS
 
-#define BACKWARD_ROWS(S)                                                                                           \
-  MULTI_TARGET void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const S* dout, int64_t rs,         \
-                                      const Acc<S>* gates, int64_t g_rs, const Acc<S>* cs, const Acc<S>* c_prev,    \
-                                      int64_t cp_rs, Acc<S>* dh, Acc<S>* dc, S* dg, Acc<S>* dgates, bool proj) {    \
-    backward_rows_for<S>(proj, dg != nullptr, n, rows, H, dout, rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg,     \
-                         dgates);                                                                                   \
+#define BACKWARD_ROWS(S)                                                                                       \
+  MULTI_TARGET BACKWARD_ROWS_SIGNATURE(S) {                                                                    \
+    backward_rows_for<S>(proj, dg != nullptr, n, rows, H, dout, rs, gates, g_rs, cs, c_prev, cp_rs, dh, dc, dg, \
+                         dgates);                                                                              \
   }
-BACKWARD_ROWS(float)
-BACKWARD_ROWS(double)
-BACKWARD_ROWS(c10::BFloat16)
-BACKWARD_ROWS(c10::Half)
+FOR_EACH_BACKWARD_TYPE(BACKWARD_ROWS)
 #undef BACKWARD_ROWS
 
 }  // namespace bilstm_native

@@ -7,33 +7,33 @@
 
 namespace bilstm_native {
 
+// The (storage type, input projection type) pairs and storage types the loops are built for:
+// one list for the declarations here and the definitions in step_loops.cpp.
+#define FOR_EACH_FORWARD_TYPE(X)                                                                  \
+  X(float, float) X(double, double) X(c10::BFloat16, c10::BFloat16) X(c10::BFloat16, float)       \
+  X(c10::Half, c10::Half) X(c10::Half, float)
+#define FOR_EACH_BACKWARD_TYPE(X) X(float) X(double) X(c10::BFloat16) X(c10::Half)
+
 // Forward: one step of n running rows (see forward_rows in step_loops.cpp), for each storage
 // type S and input projection type GX (S, or Acc<S> where a task projected its input itself).
 // Without gates (nullptr) it is the inference variant; proj: o * tanh(c) goes to h only, for
 // the projection.
-#define DECLARE_FORWARD_ROWS(S, GX)                                                                             \
+#define FORWARD_ROWS_SIGNATURE(S, GX)                                                                          \
   void forward_rows_any(int64_t n, const int64_t* rows, int64_t H, const GX* gx, const int64_t* gx_rows,         \
                         int64_t gx_rs, const Acc<S>* bias, const Acc<S>* hw, S* h, Acc<S>* c, S* out, int64_t rs, \
-                        Acc<S>* gates, int64_t g_rs, Acc<S>* cs, bool proj);
-DECLARE_FORWARD_ROWS(float, float)
-DECLARE_FORWARD_ROWS(double, double)
-DECLARE_FORWARD_ROWS(c10::BFloat16, c10::BFloat16)
-DECLARE_FORWARD_ROWS(c10::BFloat16, float)
-DECLARE_FORWARD_ROWS(c10::Half, c10::Half)
-DECLARE_FORWARD_ROWS(c10::Half, float)
+                        Acc<S>* gates, int64_t g_rs, Acc<S>* cs, bool proj)
+#define DECLARE_FORWARD_ROWS(S, GX) FORWARD_ROWS_SIGNATURE(S, GX);
+FOR_EACH_FORWARD_TYPE(DECLARE_FORWARD_ROWS)
 #undef DECLARE_FORWARD_ROWS
 
 // Backward: one step of n running rows (see backward_rows in step_loops.cpp). Without dg
 // (nullptr) the gate gradients go to dgates only.
-#define DECLARE_BACKWARD_ROWS(S)                                                                                \
+#define BACKWARD_ROWS_SIGNATURE(S)                                                                             \
   void backward_rows_any(int64_t n, const int64_t* rows, int64_t H, const S* dout, int64_t rs,                  \
-                         const Acc<S>* gates,                                                                   \
-                         int64_t g_rs, const Acc<S>* cs, const Acc<S>* c_prev, int64_t cp_rs, Acc<S>* dh,        \
-                         Acc<S>* dc, S* dg, Acc<S>* dgates, bool proj);
-DECLARE_BACKWARD_ROWS(float)
-DECLARE_BACKWARD_ROWS(double)
-DECLARE_BACKWARD_ROWS(c10::BFloat16)
-DECLARE_BACKWARD_ROWS(c10::Half)
+                         const Acc<S>* gates, int64_t g_rs, const Acc<S>* cs, const Acc<S>* c_prev, int64_t cp_rs, \
+                         Acc<S>* dh, Acc<S>* dc, S* dg, Acc<S>* dgates, bool proj)
+#define DECLARE_BACKWARD_ROWS(S) BACKWARD_ROWS_SIGNATURE(S);
+FOR_EACH_BACKWARD_TYPE(DECLARE_BACKWARD_ROWS)
 #undef DECLARE_BACKWARD_ROWS
 
 // Projection, backward: dh += dout for the n running rows ([n, P]; exact, so any vector width
