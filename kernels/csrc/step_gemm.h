@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -154,12 +155,35 @@ inline at::Tensor vnni_pack(const at::Tensor& w) {
   return out;
 }
 
+// Columns per panel of a VNNI-packed weight: each panel [K/2, PANEL, 2] is contiguous, so a step's
+// brgemm walks W panel by panel through consecutive memory instead of K/2 rows N * 4 bytes apart
+// (a page apart, and another TLB entry, every row once N is large). BILSTM_FAST_BF16_PANEL
+// overrides it (0: one brgemm over all N columns).
+inline int64_t bf16_panel() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("BILSTM_FAST_BF16_PANEL");
+    return env != nullptr ? static_cast<int64_t>(std::atoll(env)) : int64_t{64};
+  }();
+  return value;
+}
+
 template <typename S>
 class ReducedStepGemm {
  public:
   ReducedStepGemm(const at::Tensor& w, int64_t calls, int64_t rows = 0) : K_(w.size(0)), N_(w.size(1)) {
     if (std::is_same_v<S, c10::BFloat16> && K_ % 2 == 0 && vnni_brgemm_usable()) {
-      vnni_ = vnni_pack(w);
+      at::Tensor vnni = vnni_pack(w);  // [K/2, N, 2]
+      panel_ = bf16_panel() > 0 && bf16_panel() < N_ ? bf16_panel() : N_;
+      if (panel_ == N_) {
+        vnni_ = vnni;
+      } else {  // [panels, K/2, PANEL, 2]; the last panel's columns past N stay zero, never read back
+        const int64_t panels = (N_ + panel_ - 1) / panel_;
+        vnni_ = at::zeros({panels, K_ / 2, panel_, 2}, w.options());
+        for (int64_t j = 0; j < panels; ++j) {
+          const int64_t width = std::min(panel_, N_ - j * panel_);
+          vnni_[j].narrow(1, 0, width).copy_(vnni.narrow(1, j * panel_, width));
+        }
+      }
     } else {
       widened_.emplace(w.to(at::kFloat), calls, rows);
     }
@@ -176,14 +200,17 @@ class ReducedStepGemm {
       widened_->run(a.to(at::kFloat), c);
       return;
     }
-    at::native::cpublas::brgemm(a.size(0), N_, K_, a.stride(0), N_, c.stride(0), /*add_C=*/false,
-                                reinterpret_cast<const c10::BFloat16*>(a.data_ptr()),
-                                reinterpret_cast<const c10::BFloat16*>(vnni_.data_ptr()),
-                                reinterpret_cast<float*>(c.data_ptr()), /*is_vnni=*/true);
+    const auto* a_p = reinterpret_cast<const c10::BFloat16*>(a.data_ptr());
+    const auto* w_p = reinterpret_cast<const c10::BFloat16*>(vnni_.data_ptr());
+    float* c_p = reinterpret_cast<float*>(c.data_ptr());
+    for (int64_t j = 0; j * panel_ < N_; ++j) {
+      at::native::cpublas::brgemm(a.size(0), std::min(panel_, N_ - j * panel_), K_, a.stride(0), panel_, c.stride(0),
+                                  /*add_C=*/false, a_p, w_p + j * K_ * panel_, c_p + j * panel_, /*is_vnni=*/true);
+    }
   }
 
  private:
-  int64_t K_, N_;
+  int64_t K_, N_, panel_ = 0;
   at::Tensor vnni_;
   c10::optional<StepGemm<float>> widened_;
 };
