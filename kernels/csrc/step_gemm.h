@@ -157,8 +157,9 @@ inline at::Tensor vnni_pack(const at::Tensor& w) {
 
 // Columns per panel of a VNNI-packed weight: each panel [K/2, PANEL, 2] is contiguous, so a step's
 // brgemm walks W panel by panel through consecutive memory instead of K/2 rows N * 4 bytes apart
-// (a page apart, and another TLB entry, every row once N is large). BILSTM_FAST_BF16_PANEL
-// overrides it (0: one brgemm over all N columns).
+// (a page apart, and another TLB entry, every row once N is large), for weights over
+// PANELS_FROM_BYTES. BILSTM_FAST_BF16_PANEL overrides the width (0: one brgemm over all N columns).
+constexpr int64_t PANELS_FROM_BYTES = int64_t{1} << 20;  // 1 MB: H = 362 for W_hh^T
 inline int64_t bf16_panel() {
   static const int64_t value = [] {
     const char* env = std::getenv("BILSTM_FAST_BF16_PANEL");
@@ -173,7 +174,10 @@ class ReducedStepGemm {
   ReducedStepGemm(const at::Tensor& w, int64_t calls, int64_t rows = 0) : K_(w.size(0)), N_(w.size(1)) {
     if (std::is_same_v<S, c10::BFloat16> && K_ % 2 == 0 && vnni_brgemm_usable()) {
       at::Tensor vnni = vnni_pack(w);  // [K/2, N, 2]
-      panel_ = bf16_panel() > 0 && bf16_panel() < N_ ? bf16_panel() : N_;
+      // a weight that fits a core's L2 stays one brgemm: at batch 1 the per-call cost of 20 panels
+      // (H=320) outweighed the gain
+      const bool large = K_ * N_ * int64_t(sizeof(S)) > PANELS_FROM_BYTES;
+      panel_ = large && bf16_panel() > 0 && bf16_panel() < N_ ? bf16_panel() : N_;
       if (panel_ == N_) {
         vnni_ = vnni;
       } else {  // [panels, K/2, PANEL, 2]; the last panel's columns past N stay zero, never read back
