@@ -138,11 +138,10 @@ def plot_speedups(rows, info, path, log):
 # The runs behind the README's results table, in the order it lists them. To show a new run, add
 # its JSON here and run `python benchmarks/report.py --readme` (tests/test_readme.py checks that
 # the README holds exactly what this list gives).
-README_SOURCES = [
+README_SOURCES = [  # the allocator comparison (_notrim runs) and everything else: RESULTS.md
     "cpu-intel-xeon_2026-12-02_default.json",
-    "cpu-intel-xeon_2026-12-02_notrim.json",
     "cpu-intel-xeon_2026-12-02_default_mnist.json",
-    "cpu-intel-xeon_2026-12-02_notrim_mnist.json",
+    "cpu-amd-epyc_2026-12-06_bf16.json",
 ]
 # The backends `auto` picks where they are built; the fallback's figures are in RESULTS.md
 README_BACKENDS = ("native", "triton")
