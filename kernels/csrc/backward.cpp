@@ -163,11 +163,11 @@ std::vector<at::Tensor> recurrence_backward(const at::Tensor& dout_in, const at:
 // depend on how the BLAS library orders one long reduction.
 constexpr int64_t ROW_BLOCK = 512;
 
-// bf16 and fp16: one GEMM over all rows (ATen hands reduced-precision mm to oneDNN, which
-// accumulates in fp32 and rounds once), widened to fp32 for the sum over the slices. The operands
-// are row-strided matrices (a direction's columns of [n, D * F]), which oneDNN takes as they lie.
+// bf16: one GEMM over all rows (ATen hands bf16 mm to oneDNN, which accumulates in fp32 and rounds
+// once), widened to fp32 for the sum over the slices. The operands are row-strided matrices (a
+// direction's columns of [n, D * F]), which oneDNN takes as they lie. (fp16 arrives widened to fp32.)
 static at::Tensor sum_over_rows(const at::Tensor& a, const at::Tensor& b) {  // a.t() @ b, a [n, M], b [n, N]
-  if (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf) return at::mm(a.t(), b).to(at::kFloat);
+  if (a.scalar_type() == at::kBFloat16) return at::mm(a.t(), b).to(at::kFloat);
   const int64_t n = a.size(0);
   at::Tensor out = at::mm(a.narrow(0, 0, std::min(n, ROW_BLOCK)).t(), b.narrow(0, 0, std::min(n, ROW_BLOCK)));
   for (int64_t start = ROW_BLOCK; start < n; start += ROW_BLOCK) {
