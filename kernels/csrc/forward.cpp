@@ -7,6 +7,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "forward.h"
 #include "native.h"
 #include "step_gemm.h"
 #include "step_loops.h"
@@ -21,18 +22,7 @@ namespace bilstm_native {
 // a step is two GEMMs: the fused loop leaves o * tanh(c) in a task-private [rows, H] buffer, and
 // h = that @ W_hr^T goes into the h state, from which the running rows' out is copied.
 
-// Where a task's input projections x @ W_ih^T + b come from: the contract's precomputed gx
-// [T, B, D, 4H] (recurrence_forward), or x [T, B, I], W_ih [D, 4H, I] and the summed bias
-// [D, 4H] (undefined without bias), projected by the task itself a block of steps at a time
-// (layer_forward; the fused loop adds the bias, which saves a pass over the block). Each block
-// is consumed while it is still in the core's cache, the projection runs on the direction's own
-// thread with no fork/join of its own, and the whole gx (fresh memory that faults page by page as
-// it is first written) is never made.
-struct Projections {
-  at::Tensor gx;
-  at::Tensor x, w_ih, bias;
-};
-
+// Where a task's input projections come from: see Projections (forward.h).
 // Bytes of projections per block. Large enough that the W_ih GEMM has hundreds of rows and
 // streams W_ih only T / steps times; small enough to stay in the last-level cache between its
 // projection and its steps, and under glibc's largest mmap threshold (32 MB), so after the first
@@ -44,10 +34,12 @@ constexpr int64_t BLOCK_BYTES = int64_t{4} << 20;
 template <typename S>
 class ProjectionBlocks {
  public:
-  ProjectionBlocks(const Projections& p, const Task& task, const std::vector<int64_t>& len, int64_t T)
-      : task_(task), len_(len), T_(T), B_(p.x.size(1)), I_(p.x.size(2)), G_(p.w_ih.size(1)),
+  ProjectionBlocks(const Projections& p, const Task& task, const std::vector<int64_t>& len, int64_t T,
+                   const StepHooks& hooks)
+      : task_(task), len_(len), hooks_(hooks), T_(T), B_(p.x.size(1)), I_(p.x.size(2)), G_(p.w_ih.size(1)),
         nr_(static_cast<int64_t>(task.rows.size())),
-        steps_(std::max<int64_t>(1, std::min<int64_t>(T, BLOCK_BYTES / (nr_ * G_ * int64_t(sizeof(Acc<S>)))))),
+        steps_(std::max<int64_t>(1, std::min({T, BLOCK_BYTES / (nr_ * G_ * int64_t(sizeof(Acc<S>))),
+                                              hooks.block_steps > 0 ? hooks.block_steps : T}))),
         gemm_(p.w_ih[task.d].t(), (T + steps_ - 1) / steps_), x_(p.x),
         block_(at::empty({steps_ * nr_, G_}, p.x.options().dtype(c10::CppTypeToScalarType<Acc<S>>::value))),
         order_(nr_) {
@@ -72,6 +64,7 @@ class ProjectionBlocks {
     rows_ = 0;
     while (rows_ < nr_ && len_[task_.rows[rows_]] > t_lo_) ++rows_;
     if (rows_ == 0) return;
+    if (hooks_.before_block) hooks_.before_block(task_, t_lo_, count);
     at::Tensor xb;
     if (contiguous_rows_ && rows_ == B_) {  // all of x's rows at these steps, as they lie
       xb = x_.narrow(0, t_lo_, count).view({count * B_, I_});
@@ -90,6 +83,7 @@ class ProjectionBlocks {
 
   const Task& task_;
   const std::vector<int64_t>& len_;
+  const StepHooks& hooks_;
   const int64_t T_, B_, I_, G_, nr_, steps_;
   const StepGemmFor<S> gemm_;
   at::Tensor x_, block_, gathered_;
@@ -98,97 +92,104 @@ class ProjectionBlocks {
   int64_t t_lo_ = 0, rows_ = 0;
 };
 
+// One task's sweep of one layer: its rows (task.rows) of direction task.d, every step.
 // Types: out, h_n and c_n in the storage type S, the cell state (c0 in, cs saved) and the saved
 // gates in Acc<S> (see activations.h). With bf16 or fp16 no projection (the Python side runs
 // those layers on the vectorized backend).
 template <typename S>
-static void forward_impl(const Projections& input, const at::Tensor& w_hh, const at::Tensor& w_hr, const at::Tensor& h0,
-                         const at::Tensor& c0, const std::vector<int64_t>& len, bool save, at::Tensor& out,
-                         at::Tensor& h_n, at::Tensor& c_n, at::Tensor& gates, at::Tensor& cs) {
+static void forward_task_impl(const LayerForward& layer, const Task& task, const std::vector<int64_t>& len,
+                              const StepHooks& hooks) {
   using A = Acc<S>;
-  const int64_t T = out.size(0), B = out.size(1), D = out.size(2), H = c0.size(2), G = 4 * H;
+  const Projections& input = layer.input;
+  const at::Tensor &w_hh = layer.w_hh, &w_hr = layer.w_hr, &out = layer.out;
+  const bool save = layer.save;
+  const int64_t T = out.size(0), B = out.size(1), D = out.size(2), H = layer.c0.size(2), G = 4 * H;
   const bool proj = w_hr.defined();
   TORCH_CHECK(!(proj && is_reduced<S>), "native recurrence: no projection in reduced precision");
-  const int64_t P = h0.size(2);
+  const int64_t P = layer.h0.size(2);
   const int64_t gx_rs = D * G, c_rs = D * H, out_rs = D * P;  // row (batch) strides of gx and gates, cs, out
   const int64_t gx_ts = B * gx_rs, c_ts = B * c_rs, out_ts = B * out_rs;
   const bool fused = !input.gx.defined();
   const S* gx_p = fused ? nullptr : input.gx.data_ptr<S>();
   S* out_p = out.data_ptr<S>();
-  A* gates_p = save ? gates.data_ptr<A>() : nullptr;
-  A* cs_p = save ? cs.data_ptr<A>() : nullptr;
-  const S* h0_p = h0.data_ptr<S>();
-  const A* c0_p = c0.data_ptr<A>();
-  S* hn_p = h_n.data_ptr<S>();
-  S* cn_p = c_n.data_ptr<S>();
+  A* gates_p = save ? layer.gates.data_ptr<A>() : nullptr;
+  A* cs_p = save ? layer.cs.data_ptr<A>() : nullptr;
+  const S* h0_p = layer.h0.data_ptr<S>();
+  const A* c0_p = layer.c0.data_ptr<A>();
+  S* hn_p = layer.h_n.data_ptr<S>();
+  S* cn_p = layer.c_n.data_ptr<S>();
   const auto acc_options = out.options().dtype(c10::CppTypeToScalarType<A>::value);
-  std::vector<Task> tasks = make_tasks(len, D);
-  run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t k) {
-    const Task& task = tasks[k];
-    const int64_t d = task.d, nr = static_cast<int64_t>(task.rows.size());
-    const int64_t* rows = task.rows.data();
-    const StepGemmFor<S> recurrent(w_hh[d].t(), T, nr);  // h_prev @ W_hh^T
-    c10::optional<StepGemm<S>> projection;                 // u @ W_hr^T (fp32 and fp64 only)
-    if constexpr (!is_reduced<S>)
-      if (proj) projection.emplace(w_hr[d].t(), T);
-    c10::optional<ProjectionBlocks<S>> blocks;
-    if (fused) blocks.emplace(input, task, len, T);
-    // the fused loop adds the bias to a block's projections; gx holds it already
-    const at::Tensor bias = fused && input.bias.defined() ? input.bias[d].to(acc_options).contiguous()
-                                                          : at::zeros({G}, acc_options);
-    // task-private state, allocated on the thread that uses it: h [nr, P] (in S: the next step's
-    // GEMM reads it), c [nr, H], hw [nr, 4H], and with a projection the unprojected h, u [nr, H]
-    at::Tensor h = at::empty({nr, P}, out.options());
-    at::Tensor c = at::empty({nr, H}, acc_options);
-    at::Tensor hw = at::empty({nr, G}, acc_options);
-    at::Tensor u = proj ? at::empty({nr, H}, out.options()) : h;
-    S* h_p = h.data_ptr<S>();
-    A* c_p = c.data_ptr<A>();
-    for (int64_t r = 0; r < nr; ++r) {
-      std::memcpy(h_p + r * P, h0_p + (d * B + rows[r]) * P, P * sizeof(S));
-      std::memcpy(c_p + r * H, c0_p + (d * B + rows[r]) * H, H * sizeof(A));
-    }
-    int64_t n = nr;
-    for (int64_t s = 0; s < T; ++s) {
-      const int64_t t = d == 0 ? s : T - 1 - s;
-      n = active_rows(task, len, t, n);
-      S* out_t = out_p + t * out_ts + d * P;
-      if (n > 0) {
-        at::Tensor hw_n = hw.narrow(0, 0, n);
-        recurrent.run(h.narrow(0, 0, n), hw_n);
-        // the loop's out and cs share the row stride c_rs; with a projection it does not write out
-        A* gates_t = save ? gates_p + t * gx_ts + d * G : nullptr;
-        A* cs_t = save ? cs_p + t * c_ts + d * H : nullptr;
-        if (fused)
-          forward_rows_any(n, rows, H, blocks->base(s, t), blocks->index(), blocks->row_stride(), bias.data_ptr<A>(),
-                           hw.data_ptr<A>(), u.data_ptr<S>(), c_p, proj ? nullptr : out_t, c_rs, gates_t, gx_rs, cs_t,
-                           proj);
-        else
-          forward_rows_any(n, rows, H, gx_p + t * gx_ts + d * G, rows, gx_rs, bias.data_ptr<A>(), hw.data_ptr<A>(),
-                           u.data_ptr<S>(), c_p, proj ? nullptr : out_t, c_rs, gates_t, gx_rs, cs_t, proj);
-        if (proj) {
-          at::Tensor h_rows = h.narrow(0, 0, n);
-          projection->run(u.narrow(0, 0, n), h_rows);
-          for (int64_t r = 0; r < n; ++r) std::memcpy(out_t + rows[r] * out_rs, h_p + r * P, P * sizeof(S));
-        }
-      } else if (fused) {
-        blocks->base(s, t);  // keeps the blocks in step (a block starts at its first step)
+  const int64_t d = task.d, nr = static_cast<int64_t>(task.rows.size());
+  const int64_t* rows = task.rows.data();
+  const StepGemmFor<S> recurrent(w_hh[d].t(), T, nr);  // h_prev @ W_hh^T
+  c10::optional<StepGemm<S>> projection;                 // u @ W_hr^T (fp32 and fp64 only)
+  if constexpr (!is_reduced<S>)
+    if (proj) projection.emplace(w_hr[d].t(), T);
+  c10::optional<ProjectionBlocks<S>> blocks;
+  if (fused) blocks.emplace(input, task, len, T, hooks);
+  // the fused loop adds the bias to a block's projections; gx holds it already
+  const at::Tensor bias = fused && input.bias.defined() ? input.bias[d].to(acc_options).contiguous()
+                                                        : at::zeros({G}, acc_options);
+  // task-private state, allocated on the thread that uses it: h [nr, P] (in S: the next step's
+  // GEMM reads it), c [nr, H], hw [nr, 4H], and with a projection the unprojected h, u [nr, H]
+  at::Tensor h = at::empty({nr, P}, out.options());
+  at::Tensor c = at::empty({nr, H}, acc_options);
+  at::Tensor hw = at::empty({nr, G}, acc_options);
+  at::Tensor u = proj ? at::empty({nr, H}, out.options()) : h;
+  S* h_p = h.data_ptr<S>();
+  A* c_p = c.data_ptr<A>();
+  for (int64_t r = 0; r < nr; ++r) {
+    std::memcpy(h_p + r * P, h0_p + (d * B + rows[r]) * P, P * sizeof(S));
+    std::memcpy(c_p + r * H, c0_p + (d * B + rows[r]) * H, H * sizeof(A));
+  }
+  int64_t n = nr;
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = d == 0 ? s : T - 1 - s;
+    n = active_rows(task, len, t, n);
+    S* out_t = out_p + t * out_ts + d * P;
+    if (n > 0) {
+      at::Tensor hw_n = hw.narrow(0, 0, n);
+      recurrent.run(h.narrow(0, 0, n), hw_n);
+      // the loop's out and cs share the row stride c_rs; with a projection it does not write out
+      A* gates_t = save ? gates_p + t * gx_ts + d * G : nullptr;
+      A* cs_t = save ? cs_p + t * c_ts + d * H : nullptr;
+      if (fused)
+        forward_rows_any(n, rows, H, blocks->base(s, t), blocks->index(), blocks->row_stride(), bias.data_ptr<A>(),
+                         hw.data_ptr<A>(), u.data_ptr<S>(), c_p, proj ? nullptr : out_t, c_rs, gates_t, gx_rs, cs_t,
+                         proj);
+      else
+        forward_rows_any(n, rows, H, gx_p + t * gx_ts + d * G, rows, gx_rs, bias.data_ptr<A>(), hw.data_ptr<A>(),
+                         u.data_ptr<S>(), c_p, proj ? nullptr : out_t, c_rs, gates_t, gx_rs, cs_t, proj);
+      if (proj) {
+        at::Tensor h_rows = h.narrow(0, 0, n);
+        projection->run(u.narrow(0, 0, n), h_rows);
+        for (int64_t r = 0; r < n; ++r) std::memcpy(out_t + rows[r] * out_rs, h_p + r * P, P * sizeof(S));
       }
-      // rows past their end (t >= len): zero output; the saved cell state carries the state
-      // (the final one going forward, c0 going back); the gates are never read there
-      for (int64_t r = n; r < nr; ++r) {
-        const int64_t b = rows[r];
-        std::memset(out_t + b * out_rs, 0, P * sizeof(S));
-        if (save) {
-          std::memcpy(cs_p + t * c_ts + b * c_rs + d * H, c_p + r * H, H * sizeof(A));
-          std::memset(gates_p + t * gx_ts + b * gx_rs + d * G, 0, G * sizeof(A));
-        }
+    } else if (fused) {
+      blocks->base(s, t);  // keeps the blocks in step (a block starts at its first step)
+    }
+    // rows past their end (t >= len): zero output; the saved cell state carries the state
+    // (the final one going forward, c0 going back); the gates are never read there
+    for (int64_t r = n; r < nr; ++r) {
+      const int64_t b = rows[r];
+      std::memset(out_t + b * out_rs, 0, P * sizeof(S));
+      if (save) {
+        std::memcpy(cs_p + t * c_ts + b * c_rs + d * H, c_p + r * H, H * sizeof(A));
+        std::memset(gates_p + t * gx_ts + b * gx_rs + d * G, 0, G * sizeof(A));
       }
     }
-    for (int64_t r = 0; r < nr; ++r) {
-      std::memcpy(hn_p + (d * B + rows[r]) * P, h_p + r * P, P * sizeof(S));
-      convert(H, c_p + r * H, cn_p + (d * B + rows[r]) * H);
-    }
+    if (hooks.after_step) hooks.after_step(task, t);
+  }
+  for (int64_t r = 0; r < nr; ++r) {
+    std::memcpy(hn_p + (d * B + rows[r]) * P, h_p + r * P, P * sizeof(S));
+    convert(H, c_p + r * H, cn_p + (d * B + rows[r]) * H);
+  }
+}
+
+void forward_task(const LayerForward& layer, const Task& task, const std::vector<int64_t>& len,
+                  const StepHooks& hooks) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, layer.out.scalar_type(), "native forward", [&] {
+    forward_task_impl<scalar_t>(layer, task, len, hooks);
   });
 }
 
@@ -243,9 +244,10 @@ static std::vector<at::Tensor> forward_sweep(const Projections& input, const at:
   }
   if (T > 0 && B > 0 && H > 0) {
     const std::vector<int64_t> len = lengths_vector(lengths, B, T);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "native forward", [&] {
-      forward_impl<scalar_t>(input, w_hh, w_hr, h0, c0, len, save, out, h_n, c_n, gates, cs);
-    });
+    const LayerForward layer{input, w_hh, w_hr, h0, c0, out, h_n, c_n, gates, cs, save};
+    const std::vector<Task> tasks = make_tasks(len, D);
+    const StepHooks none;
+    run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t k) { forward_task(layer, tasks[k], len, none); });
   } else {
     h_n.copy_(h0);
     c_n.copy_(c0);
