@@ -42,8 +42,14 @@ SHAPES = {
     # the bf16 and deployment issues' shapes: an NER tagger and a batch-1 stream (not in the default run)
     "ner": Shape("ner", B=24, T=96, I=200, H=384),
     "stream-b1": Shape("stream-b1", B=1, T=200, I=256, H=320),
+    # the unidirectional-stack issue's language models: pytorch/examples' word LM (medium) and the
+    # text-generation example's size, and a large batch (not in the default run)
+    "word-lm": Shape("word-lm", B=20, T=35, I=650, H=650, layers=2, bidirectional=False),
+    "small-text": Shape("small-text", B=32, T=50, I=128, H=128, layers=3, bidirectional=False),
+    "large-batch-uni": Shape("large-batch-uni", B=64, T=100, I=512, H=512, layers=2, bidirectional=False),
 }
-DEFAULT_SHAPES = {"cpu": list(SHAPES)[:-2], "cuda": list(SHAPES)[:-2]}
+EXTRA_SHAPES = ("ner", "stream-b1", "word-lm", "small-text", "large-batch-uni")
+DEFAULT_SHAPES = {device: [name for name in SHAPES if name not in EXTRA_SHAPES] for device in ("cpu", "cuda")}
 # A 2-core CPU cannot time every implementation on the long shapes within the run's budget
 # (about 10 minutes): the CPU run shortens T there. Per-step time and tokens/s stay comparable.
 CPU_TRIMS = {"latency-b1": 256, "latency-b16": 256, "large-batch": 50}

@@ -182,24 +182,30 @@ class LSTMLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dh_n, dc_n, _dgates, _dcs):
-        saved = ctx.saved_tensors
         need = getattr(ctx, "need", None) or ctx.needs_input_grad
-        # a compiled backward meets neither dead wrappers nor the legacy vmap, and dynamo cannot
-        # trace their checks
-        compiled = torch.compiler.is_compiling()
-        if not compiled and torch._C._functorch.is_dead_tensor_wrapper(saved[4]):
-            # torch.func.vjp's vjp_fn runs after its transform has ended, grad mode on: what it
-            # saved are dead wrappers then (out is one if any input was), which the backends cannot
-            # read and a differentiable backward's autograd.grad no longer reaches (zero gradients)
-            saved = [t if t is None else torch._C._functorch.unwrap_if_dead(t) for t in saved]
-            with torch.no_grad():
-                return first_order_backward(ctx.backend, need, saved, dout, dh_n, dc_n)
-        if torch.is_grad_enabled() and not any(map(_vmapped, (dout, dh_n, dc_n))):
-            x, h0, c0, lengths, _, _, _, *params = saved
-            return differentiable_backward(need, x, h0, c0, lengths, params, dout, dh_n, dc_n)
-        if not compiled and any(map(_legacy_batched, (dout, dh_n, dc_n))):
-            return legacy_batched_backward(ctx.backend, need, saved, dout, dh_n, dc_n)
-        return first_order_backward(ctx.backend, need, saved, dout, dh_n, dc_n)
+        return layer_backward(ctx.backend, need, ctx.saved_tensors, dout, dh_n, dc_n)
+
+
+def layer_backward(backend, need, saved, dout, dh_n, dc_n):
+    """The backward of one layer from what its Function saved (x, h0, c0, lengths, out, gates,
+    cs, *params) -> its input gradients, as the incoming gradients ask: first order, differentiable
+    (create_graph=True), or for cotangents batched by either vmap."""
+    # a compiled backward meets neither dead wrappers nor the legacy vmap, and dynamo cannot
+    # trace their checks
+    compiled = torch.compiler.is_compiling()
+    if not compiled and torch._C._functorch.is_dead_tensor_wrapper(saved[4]):
+        # torch.func.vjp's vjp_fn runs after its transform has ended, grad mode on: what it
+        # saved are dead wrappers then (out is one if any input was), which the backends cannot
+        # read and a differentiable backward's autograd.grad no longer reaches (zero gradients)
+        saved = [t if t is None else torch._C._functorch.unwrap_if_dead(t) for t in saved]
+        with torch.no_grad():
+            return first_order_backward(backend, need, saved, dout, dh_n, dc_n)
+    if torch.is_grad_enabled() and not any(map(_vmapped, (dout, dh_n, dc_n))):
+        x, h0, c0, lengths, _, _, _, *params = saved
+        return differentiable_backward(need, x, h0, c0, lengths, params, dout, dh_n, dc_n)
+    if not compiled and any(map(_legacy_batched, (dout, dh_n, dc_n))):
+        return legacy_batched_backward(backend, need, saved, dout, dh_n, dc_n)
+    return first_order_backward(backend, need, saved, dout, dh_n, dc_n)
 
 
 def first_order_backward(backend, need, saved, dout, dh_n, dc_n):
@@ -326,13 +332,15 @@ def legacy_batched_backward(backend, need, saved, dout, dh_n, dc_n):
     return tuple(None if none else torch._add_batch_dim(next(batched), 0, level) for none in none_at)
 
 
-def differentiable_backward(need, x, h0, c0, lengths, params, dout, dh_n, dc_n):
+def differentiable_backward(need, x, h0, c0, lengths, params, dout, dh_n, dc_n, forward=None):
     """The backward as a differentiable computation (create_graph=True): recompute the layer
-    with plain torch ops from the saved inputs and differentiate it, keeping the graph."""
+    with plain torch ops from the saved inputs and differentiate it, keeping the graph.
+    forward: what to recompute, (x, h0, c0, lengths, params) -> (out, h_n, c_n); the layer
+    (layer_autograd) by default, a whole stack for bilstm_fast/stack.py."""
     inputs = [x, h0, c0, *params]
     wanted = [k for k, t in enumerate(inputs) if need[k if k < 3 else k + 2]]
     with torch.enable_grad():
-        outputs = layer_autograd(x, h0, c0, lengths, params)
+        outputs = (forward or layer_autograd)(x, h0, c0, lengths, params)
         pairs = [(o, g) for o, g in zip(outputs, (dout, dh_n, dc_n)) if g is not None]
         grads = torch.autograd.grad(
             [o for o, _ in pairs], [inputs[k] for k in wanted], [g for _, g in pairs],

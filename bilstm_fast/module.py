@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from bilstm_fast import export
+from bilstm_fast import export, stack
 from bilstm_fast.function import lstm_layer_params
 from bilstm_fast.kernels import BACKENDS
 
@@ -291,6 +291,10 @@ class FastBiLSTM(nn.RNNBase):
         h_n, c_n = [], []
         if layers is None:
             layers = self._check_parameters()
+        if not onnx:
+            result = self._run_stack(x, h0, c0, lengths, packed, layers)
+            if result is not None:
+                return result
         for layer in range(self.num_layers):
             params = layers[layer]
             if params[0].dtype != x.dtype:  # autocast: the weights in the autocast dtype
@@ -307,6 +311,23 @@ class FastBiLSTM(nn.RNNBase):
         if len(h_n) == 1:  # one layer: its fresh states as they are, no copy
             return x, h_n[0], c_n[0]
         return x, torch.cat(h_n), torch.cat(c_n)
+
+    def _run_stack(self, x, h0, c0, lengths, packed, layers):
+        """The whole stack in one backend call (bilstm_fast/stack.py), or None where that does not
+        apply or is not chosen: then the layers run one by one."""
+        rec = stack.stack_backend(self.backend, x, self.num_layers, self.bidirectional, self.proj_size)
+        if rec is None:
+            return None
+        groups = stack.schedule(x.shape[0], x.shape[1], self.num_layers, torch.get_num_threads())
+        if groups is None:
+            return None
+        layers = [params if params[0].dtype == x.dtype else [w.to(x.dtype) for w in params] for params in layers]
+        masks = None
+        if self.dropout > 0 and self.training:
+            # drawn up front, in layer order: the numbers nn.LSTM draws between its layers
+            ones = x.new_ones(x.shape[0], x.shape[1], self.hidden_size)
+            masks = [self._dropout(ones, packed) for _ in range(self.num_layers - 1)]
+        return stack.run(rec, self.backend, x, h0, c0, lengths, layers, masks, groups)
 
     def _dropout(self, x, packed):
         """Dropout between layers, drawing the random numbers nn.LSTM draws: on packed input it

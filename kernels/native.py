@@ -98,3 +98,21 @@ def layer_gradients(dgates, x, h_prev, w_ih, need_dx, need_w_ih, need_w_hh, need
 def recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths=None, w_hr=None):
     """-> dgates, dh0, dc0, and with a projection (w_hr) the gradient dh [T, B, D, P] too."""
     return tuple(_native.recurrence_backward(dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, w_hr))
+
+
+def stack_forward(x, w_ih, bias, w_hh, h0, c0, lengths, save, masks, groups):
+    """A unidirectional stack of L layers in one call, the layers as concurrent stages of a
+    wavefront (the optional extra `stack_forward` of kernels/contract.py; kernels/csrc/stack.cpp).
+    Per layer w_ih [4H, I_l], w_hh [4H, H] and bias [4H] (the summed bias; None: no bias);
+    h0, c0 [L, B, H]; masks: None or L - 1 dropout masks [T, B, H]; groups: the stages the
+    layers are cut into (1: every layer split by batch rows, with no barrier between layers).
+    -> per-layer lists outs [T, B, 1, H], gates and cs (None without save), dropped inputs of
+    layers 1..L-1 (empty without masks); and h_n, c_n [L, B, H]."""
+    L = len(w_ih)
+    h_n, c_n, *rest = _native.stack_forward(x, w_ih, [] if bias is None else bias, w_hh, h0, c0, lengths, save,
+                                            masks or [], groups)
+    outs, rest = rest[:L], rest[L:]
+    gates = cs = None
+    if save:
+        gates, cs, rest = rest[:L], rest[L:2 * L], rest[2 * L:]
+    return outs, h_n, c_n, gates, cs, rest

@@ -30,6 +30,8 @@
 //   step_gemm.h     the step GEMM (StepGemm: packed brgemm panels or ATen's mm)
 //   tasks.h         the work split into tasks and the one fork/join per call
 //   forward.cpp     recurrence_forward, layer_forward (and the tasks' input projection blocks)
+//   forward.h       one task's forward sweep of one layer, with the hooks a wavefront stage needs
+//   stack.cpp       stack_forward: a unidirectional stack's layers as a wavefront of tasks
 //   backward.cpp    recurrence_backward, layer_gradients (the GEMMs after the recurrence)
 //   bindings.cpp    the Python module
 #pragma once
@@ -57,6 +59,11 @@ std::vector<at::Tensor> layer_gradients(const at::Tensor& dgates, const at::Tens
                                         const c10::optional<at::Tensor>& h_prev, const at::Tensor& w_ih,
                                         bool need_dx, const std::vector<bool>& need_w_ih,
                                         const std::vector<bool>& need_w_hh, const std::vector<bool>& need_bias);
+std::vector<at::Tensor> stack_forward(const at::Tensor& x, const std::vector<at::Tensor>& w_ih,
+                                      const std::vector<at::Tensor>& bias, const std::vector<at::Tensor>& w_hh,
+                                      const at::Tensor& h0, const at::Tensor& c0,
+                                      const c10::optional<at::Tensor>& lengths, bool save,
+                                      const std::vector<at::Tensor>& masks, int64_t groups);
 std::string simd_level();
 
 // Shared by the forward and the backward (forward.cpp). The dtypes the recurrence runs in, and the

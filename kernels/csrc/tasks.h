@@ -52,15 +52,17 @@ inline std::vector<int64_t> lengths_vector(const c10::optional<at::Tensor>& leng
   return len;
 }
 
-// One task per (direction, batch slice). The slices deal the length-sorted rows round-robin,
-// so every slice stays sorted and gets a fair share of long and short sequences.
-inline std::vector<Task> make_tasks(const std::vector<int64_t>& len, int64_t D) {
+// One task per (direction, batch slice): at most max_slices slices per direction (0: the threads
+// shared among the directions), fewer where a slice would get under min_rows_per_slice() rows. The
+// slices deal the length-sorted rows round-robin, so every slice stays sorted and gets a fair
+// share of long and short sequences.
+inline std::vector<Task> make_tasks(const std::vector<int64_t>& len, int64_t D, int64_t max_slices = 0) {
   const int64_t B = static_cast<int64_t>(len.size());
   std::vector<int64_t> order(B);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return len[a] > len[b]; });
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t slices = std::max<int64_t>(1, threads / D);
+  int64_t slices = max_slices > 0 ? max_slices : std::max<int64_t>(1, threads / D);
   slices = std::min<int64_t>(slices, std::max<int64_t>(1, B / min_rows_per_slice()));
   std::vector<Task> tasks;
   for (int64_t d = 0; d < D; ++d) {
