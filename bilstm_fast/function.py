@@ -224,6 +224,17 @@ def first_order_backward(backend, need, saved, dout, dh_n, dc_n):
     dgates, dh0, dc0, dhs = ops.backward(
         dout, dh_n, dc_n, w_hh, gates, cs, c0, lengths, backend, w_hr
     )
+    return gradients_from_dgates(backend, need, saved, dgates, dh0, dc0, dhs)
+
+
+def gradients_from_dgates(backend, need, saved, dgates, dh0, dc0, dhs):
+    """The Function's input gradients from the recurrence backward's results (dgates [T, B, D, 4H],
+    dh0, dc0, and with a projection dhs): the input, weight and bias gradients after it."""
+    x, h0, c0, lengths, out, gates, cs, *params = saved
+    T, B, _ = x.shape
+    D, P = h0.shape[0], h0.shape[2]
+    w_ih, _, _, w_hr = split_directions(params, D)
+    out = out.view(T, B, D, P)
     dh0 = dh0.to(h0.dtype) if need[1] else None
     dc0 = dc0.to(c0.dtype) if need[2] else None
     per_direction = len(params) // D

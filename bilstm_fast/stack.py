@@ -3,8 +3,9 @@
 nn.LSTM's layers depend on each other only step by step: layer l + 1 can run step t while layer
 l runs step t + 1. A backend with the optional `stack_forward` extra (the native CPU one) runs
 the layers as concurrent stages of such a wavefront; the module then hands it the whole stack
-here instead of looping over layers (bilstm_fast/module.py). The backward runs layer by layer,
-as the module's own loop would: each layer's gradients come from function.layer_backward.
+here instead of looping over layers (bilstm_fast/module.py). The backward's recurrences run as a
+wavefront too, top layer first (`stack_backward`); each layer's weight gradients are then the
+GEMMs a single layer's backward runs after its recurrence (function.gradients_from_dgates).
 
 Which schedule runs is `schedule`'s choice, from the benchmark's measurements (benchmarks/NOTES.md,
 "Unidirectional stacks"): the wavefront, the batch split of every layer without the join between
@@ -15,7 +16,14 @@ import os
 import torch
 
 from bilstm_fast import ops
-from bilstm_fast.function import differentiable_backward, layer_autograd, layer_backward, split_directions
+from bilstm_fast.function import (
+    _legacy_batched,
+    differentiable_backward,
+    gradients_from_dgates,
+    layer_autograd,
+    layer_backward,
+    split_directions,
+)
 from bilstm_fast.kernels import recurrence_module, resolve_backend
 
 SCHEDULES = ("layers", "batch", "wavefront")
@@ -85,12 +93,12 @@ class StackFunction(torch.autograd.Function):
         # the last out detached: saving the output itself would keep this node alive from its own
         # saved tensors (see LSTMLayerFunction.setup_context)
         ctx.save_for_backward(h0, c0, lengths, *inputs, *outs[:-1], out.detach(), *gates, *cs, *params)
-        ctx.config = (backend, masks, len(layers), per_layer)
+        ctx.config = (rec, backend, masks, groups, len(layers), per_layer)
         return out, h_n, c_n
 
     @staticmethod
     def backward(ctx, dout, dh_n, dc_n):
-        backend, masks, L, per_layer = ctx.config
+        rec, backend, masks, groups, L, per_layer = ctx.config
         h0, c0, lengths, *saved = ctx.saved_tensors
         inputs, outs, gates, cs, params = (saved[:L], saved[L:2 * L], saved[2 * L:3 * L], saved[3 * L:4 * L],
                                            saved[4 * L:])
@@ -103,6 +111,28 @@ class StackFunction(torch.autograd.Function):
                                            dc_n, forward=stack_autograd)
         need_x, need_h0, need_c0 = ctx.needs_input_grad[:3]
         need_params = ctx.needs_input_grad[5:]
+        if not any(map(_legacy_batched, (dout, dh_n, dc_n))):
+            dgates, dh0, dc0 = rec.stack_backward(
+                torch.zeros_like(outs[-1]) if dout is None else dout,
+                torch.zeros_like(h0) if dh_n is None else dh_n, torch.zeros_like(c0) if dc_n is None else dc_n,
+                [p for k, p in enumerate(params) if k % per_layer == 0],
+                [p for k, p in enumerate(params) if k % per_layer == 1], gates, cs, c0, lengths, masks, groups,
+            )
+            param_grads, dx = [], None
+            for layer in range(L):
+                own = slice(layer * per_layer, (layer + 1) * per_layer)
+                state = slice(layer, layer + 1)
+                need = (need_x and layer == 0, need_h0, need_c0, False, False, *need_params[own])
+                layer_saved = (inputs[layer], h0[state], c0[state], lengths, outs[layer], gates[layer], cs[layer],
+                               *params[own])
+                d_input, _, _, _, _, *grads = gradients_from_dgates(backend, need, layer_saved, dgates[layer],
+                                                                    dh0[state], dc0[state], None)
+                if layer == 0:
+                    dx = d_input
+                param_grads += grads
+            return (dx, dh0.to(h0.dtype) if need_h0 else None, dc0.to(c0.dtype) if need_c0 else None, None, None,
+                    *param_grads)
+        # cotangents batched by the legacy vmap: layer by layer (function.layer_backward batches them)
         param_grads = [None] * len(params)
         dh0, dc0 = [None] * L, [None] * L
         for layer in reversed(range(L)):

@@ -116,3 +116,14 @@ def stack_forward(x, w_ih, bias, w_hh, h0, c0, lengths, save, masks, groups):
     if save:
         gates, cs, rest = rest[:L], rest[L:2 * L], rest[2 * L:]
     return outs, h_n, c_n, gates, cs, rest
+
+
+def stack_backward(dout, dh_n, dc_n, w_ih, w_hh, gates, cs, c0, lengths, masks, groups):
+    """The recurrences of stack_forward's backward, the layers as a wavefront again, top first
+    (the optional extra `stack_backward`): dout [T, B, H] the top layer's, dh_n, dc_n, c0
+    [L, B, H], per-layer lists w_ih, w_hh and the saved gates and cs; masks as stack_forward's.
+    -> per-layer dgates [T, B, 1, 4H], and dh0, dc0 [L, B, H]. The weight gradients are
+    layer_gradients' GEMMs after it, per layer."""
+    dh0, dc0, *dgates = _native.stack_backward(dout, dh_n, dc_n, w_ih, w_hh, gates, cs, c0, lengths, masks or [],
+                                               groups)
+    return dgates, dh0, dc0

@@ -122,3 +122,22 @@ def test_schedule_is_chosen_or_forced(monkeypatch):
     assert stack.schedule(10, 4, 3, 2) == 2
     monkeypatch.setenv("BILSTM_FAST_STACK", "layers")
     assert stack.schedule(10, 4, 3, 2) is None
+
+
+def test_batched_gradients_through_the_stack(schedule):
+    """autograd.grad(is_grads_batched=True) (the legacy vmap: jacobian(vectorize=True), gradcheck's
+    batched check): the stack's backward takes the layer-by-layer way and equals one call per
+    cotangent."""
+    from bilstm_fast import FastBiLSTM
+
+    torch.manual_seed(0)
+    fast = FastBiLSTM(3, 4, num_layers=3, bidirectional=False, dropout=0.3, dtype=torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
+    out, (h_n, _) = fast(x)
+    cotangents = torch.randn(4, *out.shape, dtype=torch.float64)
+    batched = torch.autograd.grad(out, [x, *fast.parameters()], cotangents, retain_graph=True, is_grads_batched=True)
+    for k, v in enumerate(cotangents):
+        one = torch.autograd.grad(out, [x, *fast.parameters()], v, retain_graph=True)
+        for b, o in zip(batched, one):
+            torch.testing.assert_close(b[k], o, rtol=1e-10, atol=1e-12)

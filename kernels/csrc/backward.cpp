@@ -8,6 +8,7 @@
 #include <array>
 #include <cstring>
 
+#include "forward.h"  // StepHooks, LayerBackward
 #include "native.h"
 #include "step_gemm.h"
 #include "step_loops.h"
@@ -22,95 +23,105 @@ namespace bilstm_native {
 // takes it back through the projection (one GEMM, dh @ W_hr, into a [rows, H] buffer) and runs the
 // fused loop on the result; dh = dgates @ W_hh then gives the previous step's P-wide dh as before.
 
+// One task's backward sweep of one layer: its rows of direction task.d, every step, last first.
 // Types: dout in the storage type S; the saved gates and cell states (cs, c0), the carried state
 // gradients, dgates and dh0, dc0 in Acc<S>: the weight and bias gradients are formed from unrounded
 // gate gradients (with bf16 ones, the bias gradient of H=1 was 1.5x nn.LSTM's error). With bf16 or fp16 no projection.
 template <typename S>
-static void backward_impl(const at::Tensor& dout, const at::Tensor& dh_n, const at::Tensor& dc_n,
-                          const at::Tensor& w_hh, const at::Tensor& w_hr, const at::Tensor& gates,
-                          const at::Tensor& cs, const at::Tensor& c0, const std::vector<int64_t>& len,
-                          at::Tensor& dgates, at::Tensor& dh0, at::Tensor& dc0, at::Tensor& dhs) {
+static void backward_task_impl(const LayerBackward& layer, const Task& task, const std::vector<int64_t>& len,
+                               const StepHooks& hooks) {
   using A = Acc<S>;
+  const at::Tensor &dout = layer.dout, &w_hh = layer.w_hh, &w_hr = layer.w_hr, &gates = layer.gates,
+                   &dgates = layer.dgates;
   const int64_t T = gates.size(0), B = gates.size(1), D = gates.size(2), G = gates.size(3), H = G / 4;
   const bool proj = w_hr.defined();
   TORCH_CHECK(!(proj && is_reduced<S>), "native recurrence: no projection in reduced precision");
-  const int64_t P = dh_n.size(2);
+  const int64_t P = layer.dh_n.size(2);
   const int64_t g_rs = D * G, c_rs = D * H, h_rs = D * P;  // row strides: gates, cs, dout (and dhs)
   const int64_t g_ts = B * g_rs, c_ts = B * c_rs, h_ts = B * h_rs;
   const S* dout_p = dout.data_ptr<S>();
   const A* gates_p = gates.data_ptr<A>();
-  const A* cs_p = cs.data_ptr<A>();
-  const A* c0_p = c0.data_ptr<A>();
-  const A* dhn_p = dh_n.data_ptr<A>();
-  const A* dcn_p = dc_n.data_ptr<A>();
+  const A* cs_p = layer.cs.data_ptr<A>();
+  const A* c0_p = layer.c0.data_ptr<A>();
+  const A* dhn_p = layer.dh_n.data_ptr<A>();
+  const A* dcn_p = layer.dc_n.data_ptr<A>();
   A* dgates_p = dgates.data_ptr<A>();
-  A* dh0_p = dh0.data_ptr<A>();
-  A* dc0_p = dc0.data_ptr<A>();
-  S* dhs_p = proj ? dhs.data_ptr<S>() : nullptr;
+  A* dh0_p = layer.dh0.data_ptr<A>();
+  A* dc0_p = layer.dc0.data_ptr<A>();
+  S* dhs_p = proj ? layer.dhs.data_ptr<S>() : nullptr;
   const auto acc_options = gates.options().dtype(c10::CppTypeToScalarType<A>::value);
-  std::vector<Task> tasks = make_tasks(len, D);
-  run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t k) {
-    const Task& task = tasks[k];
-    const int64_t d = task.d, nr = static_cast<int64_t>(task.rows.size());
-    const int64_t* rows = task.rows.data();
-    const StepGemmFor<S> recurrent(w_hh[d], T, nr);  // dh_prev = dgates @ W_hh [4H, P]
-    c10::optional<StepGemm<S>> projection;             // du = dh @ W_hr [P, H] (fp32 and fp64 only)
-    if constexpr (!is_reduced<S>)
-      if (proj) projection.emplace(w_hr[d], T);
-    at::Tensor dh = at::empty({nr, P}, acc_options);
-    at::Tensor dc = at::empty({nr, H}, acc_options);
-    // rows in batch order: the step GEMM reads the gate gradients from dgates itself (row stride
-    // D * 4H), else from a copy the loop also stores in task order
-    const bool in_order = !is_reduced<S> && task.in_batch_order();
-    at::Tensor dg = in_order ? at::Tensor() : at::empty({nr, G}, dout.options());
-    // with a projection, the gradient of o * tanh(c): du = dh @ W_hr [nr, H]
-    at::Tensor du = proj ? at::empty({nr, H}, acc_options) : dh;
-    A* dh_p = dh.data_ptr<A>();
-    A* dc_p = dc.data_ptr<A>();
-    for (int64_t r = 0; r < nr; ++r) {
-      std::memcpy(dh_p + r * P, dhn_p + (d * B + rows[r]) * P, P * sizeof(A));
-      std::memcpy(dc_p + r * H, dcn_p + (d * B + rows[r]) * H, H * sizeof(A));
+  const int64_t d = task.d, nr = static_cast<int64_t>(task.rows.size());
+  const int64_t* rows = task.rows.data();
+  const StepGemmFor<S> recurrent(w_hh[d], T, nr);  // dh_prev = dgates @ W_hh [4H, P]
+  c10::optional<StepGemm<S>> projection;             // du = dh @ W_hr [P, H] (fp32 and fp64 only)
+  if constexpr (!is_reduced<S>)
+    if (proj) projection.emplace(w_hr[d], T);
+  at::Tensor dh = at::empty({nr, P}, acc_options);
+  at::Tensor dc = at::empty({nr, H}, acc_options);
+  // rows in batch order: the step GEMM reads the gate gradients from dgates itself (row stride
+  // D * 4H), else from a copy the loop also stores in task order
+  const bool in_order = !is_reduced<S> && task.in_batch_order();
+  at::Tensor dg = in_order ? at::Tensor() : at::empty({nr, G}, dout.options());
+  // with a projection, the gradient of o * tanh(c): du = dh @ W_hr [nr, H]
+  at::Tensor du = proj ? at::empty({nr, H}, acc_options) : dh;
+  A* dh_p = dh.data_ptr<A>();
+  A* dc_p = dc.data_ptr<A>();
+  for (int64_t r = 0; r < nr; ++r) {
+    std::memcpy(dh_p + r * P, dhn_p + (d * B + rows[r]) * P, P * sizeof(A));
+    std::memcpy(dc_p + r * H, dcn_p + (d * B + rows[r]) * H, H * sizeof(A));
+  }
+  int64_t n = 0;
+  for (int64_t s = T - 1; s >= 0; --s) {  // the forward's steps, last first
+    const int64_t t = d == 0 ? s : T - 1 - s;
+    // a wavefront stage's dout comes a block at a time (blocks of steps counted from the last)
+    if (hooks.before_block && (T - 1 - s) % hooks.block_steps == 0) {
+      const int64_t count = std::min(hooks.block_steps, s + 1);
+      hooks.before_block(task, d == 0 ? s - count + 1 : t, count);
     }
-    int64_t n = 0;
-    for (int64_t s = T - 1; s >= 0; --s) {  // the forward's steps, last first
-      const int64_t t = d == 0 ? s : T - 1 - s;
-      n = active_rows(task, len, t, n);
-      if (n > 0) {
-        const A* c_prev;
-        int64_t cp_rs;
-        if (s == 0) {
-          c_prev = c0_p + d * B * H;
-          cp_rs = H;
-        } else {  // the neighbouring saved state: for a sequence starting at len-1 going back, c0
-          const int64_t tp = d == 0 ? t - 1 : t + 1;
-          c_prev = cs_p + tp * c_ts + d * H;
-          cp_rs = c_rs;
-        }
-        const S* dout_t = dout_p + t * h_ts + d * P;
-        if constexpr (!is_reduced<S>) {
-          if (proj) {
-            add_dout(n, rows, P, dout_t, h_rs, dh_p, dhs_p + t * h_ts + d * P);
-            at::Tensor du_rows = du.narrow(0, 0, n);
-            projection->run(dh.narrow(0, 0, n), du_rows);
-          }
-        }
-        // the loop's dout and cs share the row stride c_rs; with a projection it does not read dout
-        backward_rows_any(n, rows, H, proj ? nullptr : dout_t, c_rs, gates_p + t * g_ts + d * G, g_rs,
-                          cs_p + t * c_ts + d * H, c_prev, cp_rs, du.data_ptr<A>(), dc_p,
-                          in_order ? nullptr : dg.data_ptr<S>(), dgates_p + t * g_ts + d * G, proj);
-        at::Tensor dh_rows = dh.narrow(0, 0, n);
-        recurrent.run(in_order ? dgates[t].select(1, d).narrow(0, 0, n) : dg.narrow(0, 0, n), dh_rows);
+    n = active_rows(task, len, t, n);
+    if (n > 0) {
+      const A* c_prev;
+      int64_t cp_rs;
+      if (s == 0) {
+        c_prev = c0_p + d * B * H;
+        cp_rs = H;
+      } else {  // the neighbouring saved state: for a sequence starting at len-1 going back, c0
+        const int64_t tp = d == 0 ? t - 1 : t + 1;
+        c_prev = cs_p + tp * c_ts + d * H;
+        cp_rs = c_rs;
       }
-      // rows past their end: no gate gradient (nor dh); the state gradients pass through untouched
-      for (int64_t r = n; r < nr; ++r) {
-        std::memset(dgates_p + t * g_ts + rows[r] * g_rs + d * G, 0, G * sizeof(A));
-        if (proj) std::memset(dhs_p + t * h_ts + rows[r] * h_rs + d * P, 0, P * sizeof(S));
+      const S* dout_t = dout_p + t * h_ts + d * P;
+      if constexpr (!is_reduced<S>) {
+        if (proj) {
+          add_dout(n, rows, P, dout_t, h_rs, dh_p, dhs_p + t * h_ts + d * P);
+          at::Tensor du_rows = du.narrow(0, 0, n);
+          projection->run(dh.narrow(0, 0, n), du_rows);
+        }
       }
+      // the loop's dout and cs share the row stride c_rs; with a projection it does not read dout
+      backward_rows_any(n, rows, H, proj ? nullptr : dout_t, c_rs, gates_p + t * g_ts + d * G, g_rs,
+                        cs_p + t * c_ts + d * H, c_prev, cp_rs, du.data_ptr<A>(), dc_p,
+                        in_order ? nullptr : dg.data_ptr<S>(), dgates_p + t * g_ts + d * G, proj);
+      at::Tensor dh_rows = dh.narrow(0, 0, n);
+      recurrent.run(in_order ? dgates[t].select(1, d).narrow(0, 0, n) : dg.narrow(0, 0, n), dh_rows);
     }
-    for (int64_t r = 0; r < nr; ++r) {
-      std::memcpy(dh0_p + (d * B + rows[r]) * P, dh_p + r * P, P * sizeof(A));
-      std::memcpy(dc0_p + (d * B + rows[r]) * H, dc_p + r * H, H * sizeof(A));
+    // rows past their end: no gate gradient (nor dh); the state gradients pass through untouched
+    for (int64_t r = n; r < nr; ++r) {
+      std::memset(dgates_p + t * g_ts + rows[r] * g_rs + d * G, 0, G * sizeof(A));
+      if (proj) std::memset(dhs_p + t * h_ts + rows[r] * h_rs + d * P, 0, P * sizeof(S));
     }
+    if (hooks.after_step) hooks.after_step(task, t);
+  }
+  for (int64_t r = 0; r < nr; ++r) {
+    std::memcpy(dh0_p + (d * B + rows[r]) * P, dh_p + r * P, P * sizeof(A));
+    std::memcpy(dc0_p + (d * B + rows[r]) * H, dc_p + r * H, H * sizeof(A));
+  }
+}
+
+void backward_task(const LayerBackward& layer, const Task& task, const std::vector<int64_t>& len,
+                   const StepHooks& hooks) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, layer.dout.scalar_type(), "native backward", [&] {
+    backward_task_impl<scalar_t>(layer, task, len, hooks);
   });
 }
 
@@ -142,9 +153,10 @@ std::vector<at::Tensor> recurrence_backward(const at::Tensor& dout_in, const at:
   at::Tensor dhs = w_hr.defined() ? at::empty({T, B, D, P}, opts) : at::Tensor();
   if (T > 0 && B > 0 && H > 0) {
     const std::vector<int64_t> len = lengths_vector(lengths, B, T);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "native backward", [&] {
-      backward_impl<scalar_t>(dout, dh_n, dc_n, w_hh, w_hr, gates, cs, c0, len, dgates, dh0, dc0, dhs);
-    });
+    const LayerBackward layer{dout, dh_n, dc_n, w_hh, w_hr, gates, cs, c0, dgates, dh0, dc0, dhs};
+    const std::vector<Task> tasks = make_tasks(len, D);
+    const StepHooks none;
+    run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t k) { backward_task(layer, tasks[k], len, none); });
   } else {
     dgates.zero_();
     dh0.copy_(dh_n);

@@ -43,6 +43,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w_ih"), py::arg("bias"), py::arg("w_hh"), py::arg("h0"), py::arg("c0"),
         py::arg("lengths"), py::arg("save"), py::arg("masks"), py::arg("groups"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("stack_backward", &bilstm_native::stack_backward,
+        "the backward's recurrences of a unidirectional stack of layers, the layers as a wavefront of tasks",
+        py::arg("dout"), py::arg("dh_n"), py::arg("dc_n"), py::arg("w_ih"), py::arg("w_hh"), py::arg("gates"),
+        py::arg("cs"), py::arg("c0"), py::arg("lengths"), py::arg("masks"), py::arg("groups"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("simd_level", &bilstm_native::simd_level, "the instruction-set level the fused loops run at on this CPU");
   m.def("vnni_brgemm", &bilstm_native::vnni_brgemm_usable,
         "whether bf16 step GEMMs run ATen's brgemm on VNNI-packed weights here (else fp32 GEMMs on widened operands)");

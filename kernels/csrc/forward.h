@@ -1,5 +1,5 @@
-// One task's forward sweep of one layer (forward.cpp), for a layer's own call and for the stack's
-// wavefront (stack.cpp).
+// One task's forward or backward sweep of one layer (forward.cpp, backward.cpp), for a layer's own
+// call and for the stack's wavefront (stack.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -33,17 +33,29 @@ struct LayerForward {
   bool save;
 };
 
+// A layer's backward inputs and outputs, as recurrence_backward lays them out (w_hr and dhs
+// undefined without a projection).
+struct LayerBackward {
+  at::Tensor dout, dh_n, dc_n, w_hh, w_hr, gates, cs, c0;
+  at::Tensor dgates, dh0, dc0, dhs;
+};
+
 // What a task does between its steps when it is one stage of a wavefront (stack.cpp); all empty
 // for a layer on its own.
 struct StepHooks {
-  // before the task reads steps t .. t + count - 1 of its input x (to wait until they are written)
+  // before the task reads steps t .. t + count - 1 of its input (x going forward, dout going
+  // back): to wait until they are written
   std::function<void(const Task& task, int64_t t, int64_t count)> before_block;
-  // after every row of the task has its output at step t (to pass it on)
+  // after every row of the task has its result at step t (out, or dgates going back): to pass it on
   std::function<void(const Task& task, int64_t t)> after_step;
-  int64_t block_steps = 0;  // the most steps per projection block (0: forward.cpp's BLOCK_BYTES decides)
+  // the most steps per block (forward: 0 lets forward.cpp's BLOCK_BYTES decide; backward: at
+  // least 1 wherever before_block is set)
+  int64_t block_steps = 0;
 };
 
 void forward_task(const LayerForward& layer, const Task& task, const std::vector<int64_t>& len,
                   const StepHooks& hooks);
+void backward_task(const LayerBackward& layer, const Task& task, const std::vector<int64_t>& len,
+                   const StepHooks& hooks);
 
 }  // namespace bilstm_native

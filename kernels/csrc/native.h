@@ -31,7 +31,7 @@
 //   tasks.h         the work split into tasks and the one fork/join per call
 //   forward.cpp     recurrence_forward, layer_forward (and the tasks' input projection blocks)
 //   forward.h       one task's forward sweep of one layer, with the hooks a wavefront stage needs
-//   stack.cpp       stack_forward: a unidirectional stack's layers as a wavefront of tasks
+//   stack.cpp       stack_forward, stack_backward: a unidirectional stack's layers as a wavefront of tasks
 //   backward.cpp    recurrence_backward, layer_gradients (the GEMMs after the recurrence)
 //   bindings.cpp    the Python module
 #pragma once
@@ -64,6 +64,11 @@ std::vector<at::Tensor> stack_forward(const at::Tensor& x, const std::vector<at:
                                       const at::Tensor& h0, const at::Tensor& c0,
                                       const c10::optional<at::Tensor>& lengths, bool save,
                                       const std::vector<at::Tensor>& masks, int64_t groups);
+std::vector<at::Tensor> stack_backward(const at::Tensor& dout, const at::Tensor& dh_n, const at::Tensor& dc_n,
+                                       const std::vector<at::Tensor>& w_ih, const std::vector<at::Tensor>& w_hh,
+                                       const std::vector<at::Tensor>& gates, const std::vector<at::Tensor>& cs,
+                                       const at::Tensor& c0, const c10::optional<at::Tensor>& lengths,
+                                       const std::vector<at::Tensor>& masks, int64_t groups);
 std::string simd_level();
 
 // Shared by the forward and the backward (forward.cpp). The dtypes the recurrence runs in, and the

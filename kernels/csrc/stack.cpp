@@ -1,4 +1,5 @@
-// The forward of a unidirectional stack of layers in one call (stack_forward), as a wavefront.
+// A unidirectional stack of layers in one call, as a wavefront: the forward (stack_forward) and
+// the backward's recurrence (stack_backward).
 //
 // A unidirectional layer has one direction: no second task to give the other thread, only a
 // split of its batch rows, and a fork/join per layer. A stack has one more degree of freedom:
@@ -22,7 +23,10 @@
 // input.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <memory>
@@ -202,6 +206,124 @@ std::vector<at::Tensor> stack_forward(const at::Tensor& x_in, const std::vector<
     for (const LayerForward& layer : layers) result.push_back(layer.cs);
   }
   for (const at::Tensor& d : dropped) result.push_back(d);
+  return result;
+}
+
+// The stage of each layer going back: the top layers first (the first stages, the lowest task
+// numbers: each waits on the stage above it).
+static std::vector<int64_t> backward_stages(std::vector<int64_t> cost, int64_t groups) {
+  std::reverse(cost.begin(), cost.end());
+  std::vector<int64_t> stage = stage_of_layers(cost, groups);
+  std::reverse(stage.begin(), stage.end());
+  return stage;
+}
+
+// The backward of stack_forward's recurrences, the layers as stages of a wavefront again, top
+// layer first. Layer l's dout at a block of steps is the input gradient of layer l + 1 there,
+// (its gate gradients) @ W_ih^{l+1} as layer_gradients forms it, times the dropout mask: layer
+// l's task forms it, for its rows, once layer l + 1 has passed those steps. The weight and bias
+// gradients are GEMMs after the recurrence (the caller's, as for one layer).
+// dout [T, B, H] (the top layer's); dh_n, dc_n, c0 [L, B, H]; per layer w_ih, w_hh and the
+// saved gates [T, B, 1, 4H] and cs [T, B, 1, H]; masks empty or L - 1 of [T, B, H].
+// -> dh0, dc0 [L, B, H], then each layer's dgates [T, B, 1, 4H] (in Acc<S>, as recurrence_backward).
+std::vector<at::Tensor> stack_backward(const at::Tensor& dout_in, const at::Tensor& dh_n_in, const at::Tensor& dc_n_in,
+                                       const std::vector<at::Tensor>& w_ih, const std::vector<at::Tensor>& w_hh,
+                                       const std::vector<at::Tensor>& gates, const std::vector<at::Tensor>& cs,
+                                       const at::Tensor& c0_in, const c10::optional<at::Tensor>& lengths,
+                                       const std::vector<at::Tensor>& masks, int64_t groups) {
+  TORCH_CHECK(dout_in.device().is_cpu() && dout_in.dim() == 3, "native stack_backward: dout must be a CPU [T, B, H] tensor");
+  const auto dt = dout_in.scalar_type(), acc = acc_dtype(dt);
+  TORCH_CHECK(supported_dtype(dt), "native stack_backward: float32, float64, bfloat16 or float16 only");
+  const int64_t L = static_cast<int64_t>(w_hh.size());
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(w_ih.size()) == L && static_cast<int64_t>(gates.size()) == L &&
+                  static_cast<int64_t>(cs.size()) == L,
+              "native stack_backward: one w_ih, w_hh, gates and cs per layer");
+  TORCH_CHECK(masks.empty() || static_cast<int64_t>(masks.size()) == L - 1,
+              "native stack_backward: one dropout mask between each two layers, or none");
+  TORCH_CHECK(groups >= 1, "native stack_backward: groups must be at least 1");
+  const int64_t T = dout_in.size(0), B = dout_in.size(1), H = dout_in.size(2), G = 4 * H;
+  at::Tensor dh_n = dh_n_in.to(acc).contiguous();
+  at::Tensor dc_n = dc_n_in.to(acc).contiguous();
+  at::Tensor c0 = c0_in.to(acc).contiguous();
+  TORCH_CHECK(dh_n.sizes() == at::IntArrayRef({L, B, H}) && dc_n.sizes() == dh_n.sizes() && c0.sizes() == dh_n.sizes(),
+              "native stack_backward: dh_n, dc_n and c0 must be [L, B, H]");
+  const auto opts = dout_in.options();
+  // the input gradient's GEMM as layer_gradients runs it: fp16 widened to fp32
+  const auto gemm_dt = dt == at::kHalf ? at::kFloat : dt;
+  at::Tensor dh0 = at::empty({L, B, H}, opts.dtype(acc));
+  at::Tensor dc0 = at::empty({L, B, H}, opts.dtype(acc));
+  std::vector<LayerBackward> layers(L);
+  std::vector<at::Tensor> w_in(L), mask(masks.size());
+  std::vector<int64_t> cost(L);
+  for (int64_t l = 0; l < L; ++l) {
+    LayerBackward& layer = layers[l];
+    TORCH_CHECK(w_hh[l].dim() == 2 && w_hh[l].size(0) == G && w_hh[l].size(1) == H && w_ih[l].dim() == 2 &&
+                    w_ih[l].size(0) == G && (l == 0 || w_ih[l].size(1) == H),
+                "native stack_backward: layer ", l, " needs w_ih [4H, I] and w_hh [4H, H]");
+    TORCH_CHECK(gates[l].sizes() == at::IntArrayRef({T, B, 1, G}) && cs[l].sizes() == at::IntArrayRef({T, B, 1, H}),
+                "native stack_backward: layer ", l, "'s gates must be [T, B, 1, 4H] and cs [T, B, 1, H]");
+    layer.dout = l == L - 1 ? dout_in.to(dt).contiguous().view({T, B, 1, H}) : at::empty({T, B, 1, H}, opts);
+    layer.dh_n = dh_n.narrow(0, l, 1);
+    layer.dc_n = dc_n.narrow(0, l, 1);
+    layer.w_hh = w_hh[l].to(dt).contiguous().unsqueeze(0);
+    layer.gates = gates[l].to(acc).contiguous();
+    layer.cs = cs[l].to(acc).contiguous();
+    layer.c0 = c0.narrow(0, l, 1);
+    layer.dgates = at::empty({T, B, 1, G}, opts.dtype(acc));
+    layer.dh0 = dh0.narrow(0, l, 1);
+    layer.dc0 = dc0.narrow(0, l, 1);
+    if (l > 0) w_in[l] = w_ih[l].to(gemm_dt).contiguous();
+    if (!masks.empty() && l < L - 1) {
+      TORCH_CHECK(masks[l].sizes() == at::IntArrayRef({T, B, H}), "native stack_backward: masks must be [T, B, H]");
+      mask[l] = masks[l].to(dt).contiguous();
+    }
+    cost[l] = w_ih[l].size(1) + H;
+  }
+  if (T > 0 && B > 0 && H > 0) {
+    const std::vector<int64_t> len = lengths_vector(lengths, B, T);
+    const int64_t stages = std::min(groups, L);
+    const std::vector<Task> slices =
+        make_tasks(len, 1, std::max<int64_t>(1, std::max<int64_t>(1, at::get_num_threads()) / stages));
+    const int64_t K = static_cast<int64_t>(slices.size());
+    const std::vector<int64_t> stage = backward_stages(cost, stages);
+    // progress[l * K + k]: the steps, counted from the last, of layer l's slice k whose gate
+    // gradients are written
+    std::unique_ptr<std::atomic<int64_t>[]> progress(new std::atomic<int64_t>[L * K]);
+    for (int64_t i = 0; i < L * K; ++i) progress[i].store(0, std::memory_order_relaxed);
+    run_tasks(stages * K, [&](int64_t i) {
+      const int64_t g = i / K, k = i % K;
+      const Task& task = slices[k];
+      const int64_t rows = static_cast<int64_t>(task.rows.size());
+      const at::Tensor index = at::from_blob(const_cast<int64_t*>(task.rows.data()), {rows}, at::kLong);
+      for (int64_t l = L - 1; l >= 0; --l) {
+        if (stage[l] != g) continue;
+        StepHooks hooks;
+        if (l < L - 1) {
+          hooks.block_steps = (wavefront_block_rows() + rows - 1) / rows;
+          hooks.before_block = [&, l, k](const Task&, int64_t t, int64_t count) {
+            wait_for(progress[(l + 1) * K + k], T - t);
+            // this task's rows of dout at steps t .. t + count - 1, from the layer above
+            at::Tensor dg = layers[l + 1].dgates.narrow(0, t, count).view({count, B, G}).index_select(1, index);
+            at::Tensor dx = at::mm(dg.view({count * rows, G}).to(gemm_dt), w_in[l + 1]).to(dt).view({count, rows, H});
+            if (!masks.empty()) dx.mul_(mask[l].narrow(0, t, count).index_select(1, index));
+            layers[l].dout.narrow(0, t, count).view({count, B, H}).index_copy_(1, index, dx);
+          };
+        }
+        if (l > 0) {
+          hooks.after_step = [&, l, k](const Task&, int64_t t) {
+            progress[l * K + k].store(T - t, std::memory_order_release);
+          };
+        }
+        backward_task(layers[l], task, len, hooks);
+      }
+    });
+  } else {
+    dh0.copy_(dh_n);
+    dc0.copy_(dc_n);
+    for (LayerBackward& layer : layers) layer.dgates.zero_();
+  }
+  std::vector<at::Tensor> result{dh0, dc0};
+  for (const LayerBackward& layer : layers) result.push_back(layer.dgates);
   return result;
 }
 
