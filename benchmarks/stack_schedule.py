@@ -23,6 +23,7 @@ ISSUE_SHAPES = {  # (B, T, I, H, layers)
     "word-lm": (20, 35, 650, 650, 2),
     "small-text": (32, 50, 128, 128, 3),
     "large-batch-uni": (64, 100, 512, 512, 2),
+    "generation": (1, 1, 128, 128, 3),  # one word per call, the text-generation example's sampling loop
 }
 
 
@@ -72,8 +73,10 @@ def time_shape(name, shape, modes, min_time):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grid", action="store_true", help="a B x H grid (L=2, T=50, I=H) instead of the issue's shapes")
-    parser.add_argument("--shapes", default=",".join(ISSUE_SHAPES), help="comma-separated, from " + ",".join(ISSUE_SHAPES))
+    parser.add_argument("--grid", action="store_true",
+                        help="a B x H grid (L=2, T=50, I=H) instead of the issue's shapes")
+    parser.add_argument("--shapes", default=",".join(ISSUE_SHAPES),
+                        help="comma-separated, from " + ",".join(ISSUE_SHAPES))
     parser.add_argument("--modes", default="inference,training")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds of samples per variant")

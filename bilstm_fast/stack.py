@@ -72,7 +72,7 @@ def run(rec, backend, x, h0, c0, lengths, layers, masks, groups):
         return StackFunction.apply(x, h0, c0, lengths, (rec, backend, masks, groups, per_layer), *params)
     w_ih, w_hh, bias = _weights(layers)
     outs, h_n, c_n, _, _, _ = rec.stack_forward(x, w_ih, bias, w_hh, h0, c0, lengths, False, masks, groups)
-    return outs[-1].view(T, B, -1), h_n, c_n
+    return outs[-1].view(T, B, outs[-1].shape[-1]), h_n, c_n
 
 
 class StackFunction(torch.autograd.Function):
@@ -88,8 +88,8 @@ class StackFunction(torch.autograd.Function):
         outs, h_n, c_n, gates, cs, dropped = rec.stack_forward(x, w_ih, bias, w_hh, h0, c0, lengths, True, masks,
                                                                groups)
         T, B, _ = x.shape
-        inputs = [x] + (dropped if masks else [o.view(T, B, -1) for o in outs[:-1]])
-        out = outs[-1].view(T, B, -1)
+        inputs = [x] + (dropped if masks else [o.view(T, B, o.shape[-1]) for o in outs[:-1]])
+        out = outs[-1].view(T, B, outs[-1].shape[-1])
         # the last out detached: saving the output itself would keep this node alive from its own
         # saved tensors (see LSTMLayerFunction.setup_context)
         ctx.save_for_backward(h0, c0, lengths, *inputs, *outs[:-1], out.detach(), *gates, *cs, *params)
