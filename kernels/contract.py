@@ -57,6 +57,18 @@ transformed calls go through the custom ops and the base contract. Likewise
 runs the GEMMs after the backward recurrence (bilstm_fast/function.py
 `input_and_weight_gradients` is the plain version), each result a fresh tensor.
 
+Optional extra, unidirectional stacks (kernels/native.py): a backend module with
+
+    stack_forward(x, w_ih, bias, w_hh, h0, c0, lengths, save, masks, groups)
+        -> outs, h_n, c_n, gates, cs, dropped          (per-layer lists; h_n, c_n [L, B, H])
+    stack_backward(dout, dh_n, dc_n, w_ih, w_hh, gates, cs, c0, lengths, masks, groups)
+        -> dgates (per layer), dh0, dc0
+
+runs a whole stack of L unidirectional layers in one call: each layer's results are those of
+layer_forward / recurrence_backward on it (to fp rounding), with dropout masks [T, B, H] between
+the layers, applied as out * mask. bilstm_fast/stack.py calls it in plain eager calls for
+unidirectional stacks without a projection; everything else runs layer by layer.
+
 tests/test_contract.py checks these shapes, dtypes and the masking for every backend that
 `kernels.available_backends("cpu")` lists; kernels/reference.py is the plain loop they are all
 compared with.

@@ -12,6 +12,10 @@ It implements the contract's optional projection extra (SUPPORTS_PROJECTION, `w_
 projection a step is one more GEMM each way, h = (o * tanh(c)) @ W_hr^T forward and its
 transpose backward, around the same fused loops.
 
+A unidirectional stack can come in one call (stack_forward, stack_backward; kernels/csrc/stack.cpp):
+its layers then run as the stages of a wavefront, or every layer split by batch rows without a
+join between layers, as bilstm_fast/stack.py chooses.
+
 Results are bitwise identical run to run at a given thread count. Across thread counts they can
 differ in the last bits when the batch split changes (a different number of rows per GEMM).
 """
