@@ -87,23 +87,12 @@ def nn_lstm_bf16_autocast_available():
     return nn_lstm_under_bf16_autocast() != ONEDNN_REFUSED
 
 
-@contextmanager
-def mkldnn_off():
-    """torch.backends.mkldnn.enabled off inside the block (torch.backends.mkldnn.flags would also
-    set oneDNN's TF32 switch, which warns on a build without Intel GPU support)."""
-    saved = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = saved
-
-
 def nn_lstm_bf16_autocast():
     """The context to run nn.LSTM under CPU bf16 autocast in, for a reference: none where its
     oneDNN bf16 LSTM runs; elsewhere oneDNN off, for nn.LSTM's own ATen path (the one it takes on
-    packed input on every CPU)."""
-    return nullcontext() if nn_lstm_bf16_autocast_available() else mkldnn_off()
+    packed input on every CPU). Through flags(): torch's test utilities, once imported, forbid
+    setting torch.backends.mkldnn.enabled directly."""
+    return nullcontext() if nn_lstm_bf16_autocast_available() else torch.backends.mkldnn.flags(enabled=False)
 
 
 # ---------------------------------------------------------------------------------------- backends

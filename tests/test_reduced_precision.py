@@ -29,7 +29,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from bilstm_fast import FastBiLSTM
 from bilstm_fast.kernels import native
-from helpers import NN_LSTM_BF16_AUTOCAST_MISSING, mkldnn_off, nn_lstm_bf16_autocast, nn_lstm_bf16_autocast_available
+from helpers import NN_LSTM_BF16_AUTOCAST_MISSING, nn_lstm_bf16_autocast, nn_lstm_bf16_autocast_available
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native backend not built")
 
@@ -151,7 +151,7 @@ def test_bf16_without_the_brgemm_path(case):
     without oneDNN's bf16 micro-kernel gets; the same bar (nn.LSTM's error measured outside, since
     the switch changes its path too)."""
     _, theirs = compare(case, torch.bfloat16, False, "native")
-    with mkldnn_off():
+    with torch.backends.mkldnn.flags(enabled=False):
         assert native.bf16_gemm().startswith("fp32")
         ours, _ = compare(case, torch.bfloat16, False, "native")
     assert_within_bar(ours, theirs, BF16_FLOOR)
