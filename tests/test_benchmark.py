@@ -201,7 +201,11 @@ def test_bf16_rows_run_as_users_ask_and_are_gated(tmp_path, monkeypatch):
         assert r.get("speedup_vs_nn_lstm") == (pytest.approx(torch_ms / r["median_ms"]) if torch_ms else None)
         assert r["speedup_vs_nn_lstm_fp32"] == pytest.approx(torch_fp32["median_ms"] / r["median_ms"])
         assert r["paired_speedup_vs_nn_lstm_fp32"] == run.paired_speedup(torch_fp32["rounds_ms"], r["rounds_ms"])
-        assert set(r["rounds_ms"]) == set(torch_fp32["rounds_ms"])  # timed in the same rounds
+        # timed in the same rounds: all but the last where one of the two took >= 20 ms on its first
+        # timed call (a descheduled tiny call on a loaded machine), which timing.Sampler counts as a
+        # sample, so it needs one round fewer
+        rounds, fp32_rounds = set(r["rounds_ms"]), set(torch_fp32["rounds_ms"])
+        assert len(rounds & fp32_rounds) >= min(len(rounds), len(fp32_rounds)) >= 4
 
 
 class Refusing:
