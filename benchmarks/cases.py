@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .correctness import TOLERANCE, check, reference_results
-from .implementations import call, valid_tokens
+from .implementations import call, nn_lstm_refusal, valid_tokens
 from .memory import peak_memory
 from .precision import Fp32Math
 from .shapes import lstm_flops, make_inputs
@@ -39,12 +39,15 @@ def run_case(shape, precs, impls, device, args, rates, log):
                     check_x, check_dout = make_inputs(shape, prec.dtype, device, seed=99, packed=packed)
                     checks[prec.dtype] = (check_x, check_dout, reference_results(bases[prec], check_x, check_dout))
                 for impl in impls:
-                    verdict = check(models.get((prec, impl.name)), build_errors.get((prec, impl.name)),
+                    model = models.get((prec, impl.name))
+                    verdict = check(model, build_errors.get((prec, impl.name)),
                                     checks[prec.dtype], impl.tolerance or TOLERANCE[prec.label()],
-                                    prec.forward_context(device), impl.inference_only)
+                                    prec.forward_context(device), impl.inference_only,
+                                    nn_lstm_refusal(prec, device) if isinstance(model, nn.LSTM) else None)
                     verdicts[prec, impl.name] = verdict
                     log(f"  check {impl.name:16s} {shape.name}{'/' + variant if variant else ''} {prec.label()}: "
                         + (f"ERROR {verdict['error']}" if "error" in verdict else
+                           verdict["unsupported"] if "unsupported" in verdict else
                            f"rel err {verdict['check_rel_err']:.1e} (tol {verdict['check_tolerance']:.0e}) "
                            + ("ok" if verdict["correct"] else "WRONG at " + verdict["check_worst"])))
             inference_only = {impl.name for impl in impls if impl.inference_only}

@@ -9,6 +9,7 @@ signature; `run.main(impls=...)` takes such a list too.
 """
 import contextlib
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,22 @@ def lstm_engine(device):
     if "mkldnn_rnn" in names:
         return "oneDNN"
     return "native ATen"
+
+
+@functools.cache
+def nn_lstm_refusal(prec, device):
+    """The error nn.LSTM itself raises in precision `prec` on `device` whatever its input (repr),
+    or None where it runs. The known one: under CPU bf16 autocast torch sends an fp32 nn.LSTM to
+    oneDNN, which has no bf16 LSTM without AVX-512 (an AVX2-only CPU) and raises "could not
+    create a primitive descriptor"; a `.bfloat16()` nn.LSTM checks the CPU and runs ATen's path."""
+    with torch.random.fork_rng():
+        lstm = nn.LSTM(4, 3, bidirectional=True, device=device).to(prec.dtype)
+        try:
+            with torch.no_grad(), prec.forward_context(device)():
+                lstm(torch.zeros(2, 1, 4, device=device, dtype=prec.dtype))
+        except RuntimeError as error:
+            return repr(error)
+    return None
 
 
 def output_tensor(out):

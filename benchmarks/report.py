@@ -40,6 +40,8 @@ def table_cells(row):
             value = row.get(key)
         if key == "median_ms" and "error" in row:
             cells.append("ERROR")
+        elif key == "median_ms" and "unsupported" in row:
+            cells.append("unsupported")
         elif key == "median_ms" and not row["correct"]:
             cells.append(f"WRONG ({row['check_rel_err']:.1e})")
         elif value is None:

@@ -4,8 +4,9 @@ helper. Fixtures (`backend`) and markers (cuda, slow, interpreter) are in confte
 Imported as `from helpers import ...`: tests/ is not a package, so pytest (default "prepend"
 import mode) puts tests/ itself on sys.path.
 """
+import functools
 import importlib.util
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -53,6 +54,45 @@ def assert_all_close(fast_results, ref_results, dtype, backend=None):
     assert len(fast_results) == len(ref_results)
     for k, (f, r) in enumerate(zip(fast_results, ref_results)):
         torch.testing.assert_close(f, r, **tol(dtype, backend), msg=lambda m: f"result {k}: {m}")
+
+
+# ------------------------------------------------------------------ nn.LSTM under bf16 autocast
+# Under CPU bf16 autocast torch hands an fp32 nn.LSTM to oneDNN's LSTM (the input is fp32 when it
+# checks) and autocast casts it to bf16 there. oneDNN has no bf16 LSTM on a CPU without AVX-512
+# (an AVX2-only one such as AMD Zen3), so nn.LSTM raises "could not create a primitive descriptor
+# for the LSTM forward propagation primitive". A `.bfloat16()` nn.LSTM checks the CPU first and
+# takes ATen's path instead, as nn.LSTM does under autocast everywhere for packed input and
+# proj_size: bf16 GEMMs (autocast's linear), cell state, h and outputs in fp32.
+NN_LSTM_BF16_AUTOCAST_MISSING = ("nn.LSTM raises under CPU bf16 autocast on this CPU: oneDNN has no bf16 LSTM "
+                                 "without AVX-512")
+ONEDNN_REFUSED = "could not create a primitive descriptor"
+
+
+def nn_lstm_under_bf16_autocast():
+    """What a small fp32 nn.LSTM gives under CPU bf16 autocast now: its output dtype (bf16 from
+    oneDNN; fp32 with torch.backends.mkldnn off) or ONEDNN_REFUSED. Draws no random numbers."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return nn.LSTM(4, 3)(torch.zeros(2, 1, 4))[0].dtype
+        except RuntimeError as error:
+            if ONEDNN_REFUSED not in str(error):
+                raise
+            return ONEDNN_REFUSED
+
+
+@functools.cache
+def nn_lstm_bf16_autocast_available():
+    """Whether nn.LSTM runs under CPU bf16 autocast on this CPU (see above)."""
+    return nn_lstm_under_bf16_autocast() != ONEDNN_REFUSED
+
+
+def nn_lstm_bf16_autocast():
+    """The context to run nn.LSTM under CPU bf16 autocast in, for a reference: none where its
+    oneDNN bf16 LSTM runs; elsewhere oneDNN off, for nn.LSTM's own ATen path (the one it takes on
+    packed input on every CPU). Through flags(): torch's test utilities, once imported, forbid
+    setting torch.backends.mkldnn.enabled directly."""
+    return nullcontext() if nn_lstm_bf16_autocast_available() else torch.backends.mkldnn.flags(enabled=False)
 
 
 # ---------------------------------------------------------------------------------------- backends
