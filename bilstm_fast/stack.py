@@ -27,6 +27,9 @@ from bilstm_fast.function import (
 from bilstm_fast.kernels import recurrence_module, resolve_backend
 
 SCHEDULES = ("layers", "batch", "wavefront")
+# the batch size from which the native backend splits one layer's rows between two threads
+# (kernels/csrc/tasks.h: min_rows_per_slice, 8 rows a slice)
+ROW_SPLIT_ROWS = 16
 
 
 def stack_backend(backend, x, num_layers, bidirectional, proj_size):
@@ -46,7 +49,12 @@ def schedule(T, B, num_layers, threads):
         if forced not in SCHEDULES:
             raise ValueError(f"BILSTM_FAST_STACK must be one of {', '.join(SCHEDULES)}, got {forced!r}")
         return None if forced == "layers" else 1 if forced == "batch" else min(num_layers, threads)
-    if threads < 2:
+    # Measured (NOTES 38, AMD EPYC AVX2, 2 threads): the wavefront pays where a layer alone cannot
+    # use the threads, below the native backend's row split (B < 16: one task per layer, the other
+    # thread idle): at B4 H128-256 0.73-0.88 of layer by layer's time, one-word generation 0.78.
+    # From B16 up, layer by layer (its rows split) was as fast or faster at every H (the wavefront
+    # 1.0-1.4x), and the batch split without joins within the noise of it.
+    if threads < 2 or B >= ROW_SPLIT_ROWS:
         return None
     return min(num_layers, threads)
 
