@@ -2,8 +2,10 @@
 users ship on, beside FastBiLSTM eager and nn.LSTM, inference only.
 
   onnxruntime-fp32   the exported file in ONNX Runtime (CPU provider)
-  onnxruntime-int8   the same file after onnxruntime.quantization.quantize_dynamic (int8 LSTM weights)
+  onnxruntime-int8   the same file after onnxruntime.quantization.quantize_dynamic (its int8 LSTM,
+                     DynamicQuantizeLSTM, 7-bit weights: see _Exported.path)
   openvino-fp32      the same file in OpenVINO, f32 inference precision (where openvino is installed)
+  openvino-bf16      the same, bf16 inference precision (where OpenVINO reports the CPU's BF16 units)
   torch-qint8        bilstm_fast.quantize_dynamic: torch's dynamic int8 LSTM
 
 Each is an Impl (implementations.py) whose module is called like nn.LSTM, so the case runner
@@ -20,6 +22,7 @@ from torch import nn
 import bilstm_fast
 from bilstm_fast import FastBiLSTM
 
+from .correctness import TOLERANCE
 from .implementations import Impl
 from .shapes import SHAPES, quick_shape
 
@@ -70,7 +73,11 @@ class _Exported:
             if not quantized.exists():
                 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-                quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
+                # reduce_range: x86 CPUs without VNNI multiply u8 by s8 with VPMADDUBSW, whose int16
+                # pair sums saturate for full-range int8 weights (ONNX Runtime's quantization docs);
+                # on such a CPU the full-range LSTM errs by 0.27 on outputs of at most 0.46
+                # (tests/test_export.py's model); 7-bit weights: 2e-2 of max|out| on the deploy shapes
+                quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8, reduce_range=True)
             return quantized
         return path
 
@@ -119,11 +126,11 @@ def onnxruntime_lstm(lstm, int8=False):
     return _Runtime(lambda x: session.run(None, {"x": x})).eval()
 
 
-def openvino_lstm(lstm):
+def openvino_lstm(lstm, precision="f32"):
     import openvino as ov
 
     compiled = ov.Core().compile_model(str(_exported().path(lstm)), "CPU", {
-        "INFERENCE_PRECISION_HINT": "f32",  # else bf16 where the CPU has it: a different row
+        "INFERENCE_PRECISION_HINT": precision,  # f32: else bf16 where the CPU has it, another row
         "INFERENCE_NUM_THREADS": torch.get_num_threads(),
     })
     request = compiled.create_infer_request()
@@ -149,5 +156,10 @@ def deploy_impls():
                           inference_only=True, tolerance=INT8_TOLERANCE))
         if importlib.util.find_spec("openvino"):
             impls.append(Impl("openvino-fp32", openvino_lstm, inference_only=True))
+            import openvino as ov
+
+            if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+                impls.append(Impl("openvino-bf16", lambda lstm: openvino_lstm(lstm, "bf16"), inference_only=True,
+                                  tolerance=TOLERANCE["bf16-autocast"]))
     impls.append(Impl("torch-qint8", torch_qint8_lstm, inference_only=True, tolerance=INT8_TOLERANCE))
     return impls

@@ -35,9 +35,10 @@ with the implementations of a row sampled round-robin (a burst of load from othe
 them alike), triton.testing.do_bench on a GPU; warm-up excluded; median with 20%/80% quantiles;
 inputs drawn once per case from a seeded normal distribution and cycled through three draws.
 
---deploy times the FastBiLSTM exported to ONNX in ONNX Runtime (fp32 and int8), OpenVINO (fp32) and
-torch's dynamic int8 LSTM beside FastBiLSTM (auto's backend) and nn.LSTM, inference only, on the
-deployment shapes of deploy.py (or --shapes); rows for runtimes not installed are left out.
+--deploy times the FastBiLSTM exported to ONNX in ONNX Runtime (fp32 and int8), OpenVINO (fp32, and
+bf16 where the CPU has it) and torch's dynamic int8 LSTM beside FastBiLSTM (auto's backend) and
+nn.LSTM, inference only, on the deployment shapes of deploy.py (or --shapes); rows for runtimes not
+installed are left out.
 
 --loaded runs the selected shapes with a second, busy process pinned to one core throughout (load.py):
 the machine line and every row say so, and the files get a _loaded suffix.

@@ -15,13 +15,20 @@ outside an export.
   the LSTM node.
 
 ONNX's LSTM orders the gates i, o, f, c where torch has i, f, g, o, and keeps the input and
-recurrent biases apart (B = [W_b, R_b]); both are rearranged on the weights, in the graph (a
-runtime folds these constant subgraphs when it loads the model).
+recurrent biases apart (B = [W_b, R_b]). The node's W, R and B must be plain initializers, already
+rearranged: OpenVINO's CPU plugin refuses an LSTM whose weights are computed, and ONNX Runtime's
+dynamic quantization leaves such an LSTM in fp32. The exporters fold the rearranging only in part:
+the TorchScript exporter folds it at any size (do_constant_folding, its default), the dynamo
+exporter's optimizer only for tensors of at most 8192 elements. So with the dynamo exporter the
+rearranged weights are computed here, in eager, from the values that torch.export traces as fake
+tensors, and handed to the node as constants (`_constant_weights`).
 
 LSTM with projections (proj_size > 0) has no ONNX operator: with the dynamo exporter a layer
 becomes one Scan over time (both directions in lockstep) whose body is the cell and the
 projection; the TorchScript exporter refuses it and names the dynamo exporter.
 """
+import warnings
+
 import torch
 
 # ONNX LSTM as used here (gates i, o, f, c; layout 0) is defined from opset 14 on
@@ -75,8 +82,8 @@ def check_exportable(module, packed):
 
 
 def _gates_onnx(w, H):
-    """[4H, ...] rows in torch's gate order -> ONNX's (i, o, f, c): one Gather, which the exporter
-    or the runtime folds into the weight (a Split would not fold: it has several outputs)."""
+    """[4H, ...] rows in torch's gate order -> ONNX's (i, o, f, c): one Gather, which a graph
+    computing the weights folds where it can (a Split would not fold: it has several outputs)."""
     return w.unflatten(0, (4, H))[list(ONNX_GATE_ORDER)].flatten(0, 1)
 
 
@@ -104,7 +111,8 @@ def layer(module, x, params, h0, c0):
     H = c0.shape[-1]
     if module.proj_size > 0:
         return _projected_layer(x, params, D, module.bias, h0, c0)
-    W, R, B = onnx_weights(params, D, H, module.bias)
+    weights = _constant_weights(params, D, H, module.bias)
+    W, R, B = weights if weights is not None else onnx_weights(params, D, H, module.bias)
     T, batch = x.shape[0], x.shape[1]
     Y, Y_h, Y_c = torch.onnx.ops.symbolic_multi_out(
         "LSTM",
@@ -116,6 +124,46 @@ def layer(module, x, params, h0, c0):
     )
     # Y [T, D, B, H] -> [T, B, D*H]: a transpose and a merge of the last two axes, no size named
     return Y.transpose(1, 2).flatten(2), Y_h, Y_c
+
+
+def _constant_weights(params, D, H, bias):
+    """W, R, B of onnx_weights as real tensors, computed now from the parameters' values, or None
+    (with a warning) where that is not possible.
+
+    torch.export traces the module with each parameter swapped for a fake tensor (no data) made
+    from the real one; the real one is found through the fake-tensor converter's memo (torch
+    internals: read only, a change there gives None, never other values). A real tensor used by
+    the trace is lifted as a constant, which the exporter writes as an initializer; no tracing
+    mode may see the computation itself. Weights that are not the fakified parameters themselves
+    (a parametrization, an autocast cast) get None: the graph then computes them."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    reals = None
+    if all(isinstance(p, FakeTensor) for p in params):
+        try:
+            converter = params[0].fake_mode.fake_tensor_converter
+            memo = converter.tensor_memo
+            real_of = {}
+            for real, tid in converter.meta_converter.describer.lookup_tensor.items():
+                fake = memo.get(tid)
+                if fake is not None:
+                    real_of[id(fake)] = real
+            reals = [real_of.get(id(p)) for p in params]
+        except AttributeError:  # torch's internals moved
+            reals = None
+    if reals is None or any(r is None for r in reals):
+        warnings.warn(
+            "FastBiLSTM export: the LSTM weights are not the module's own parameters (a parametrization, "
+            "autocast?), so the graph computes them. The exporter folds that into constants only for "
+            "weights of at most 8192 elements; above, OpenVINO's CPU plugin refuses the LSTM node and ONNX "
+            "Runtime's quantize_dynamic leaves it in fp32 (ONNX Runtime runs it in fp32). Export plain "
+            "parameters instead: e.g. parametrize.remove_parametrizations on a copy of the model",
+            stacklevel=2,
+        )
+        return None
+    with _disable_current_modes(), torch.no_grad():
+        return onnx_weights([r.detach() for r in reals], D, H, bias)
 
 
 def _projected_layer(x, params, D, bias, h0, c0):

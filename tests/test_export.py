@@ -262,19 +262,78 @@ def test_eager_untouched_after_export(tmp_path):
         assert torch.equal(b, a)
 
 
+# Weights of this size stay outside the dynamo exporter's constant folding (onnxscript folds
+# tensors of at most 8192 elements): W_ih is 4*64 x 48 = 12288 elements, W_hh 16384
+LARGE = dict(input_size=48, hidden_size=64)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("exporter", ["dynamo-shapes", "torchscript"])
-def test_openvino_reads_the_same_file(exporter, tmp_path):
-    ov = pytest.importorskip("openvino", reason="OpenVINO not installed (pip install .[openvino])")
+def test_parametrized_weights_computed_in_the_graph(tmp_path):
+    """Weights that are not the module's parameters themselves (here weight_norm's) have no
+    values at export time: the graph computes them, still equal to eager, and the export warns
+    that runtimes needing constant LSTM weights will refuse it at large sizes."""
     torch.manual_seed(0)
-    model = States(FastBiLSTM(5, 6, num_layers=2, batch_first=True)).eval()
+    lstm = FastBiLSTM(5, 6)
+    torch.nn.utils.parametrizations.weight_norm(lstm, "weight_hh_l0")
+    model = States(lstm).eval()
     path = tmp_path / "model.onnx"
-    export(model, (torch.randn(2, 6, 5),), dict(inputs=["x"]), {"x": {0: "B", 1: "T"}}, path, exporter)
-    # f32 inference: on CPUs with bf16 units OpenVINO would otherwise run in bf16 (error ~3e-3)
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    x = torch.randn(3, 11, 5)
-    result = compiled([x.numpy()])
+    with pytest.warns(UserWarning, match=r"not the module's own parameters.*remove_parametrizations"):
+        export(model, (torch.randn(6, 2, 5),), dict(inputs=["x"]), {"x": {0: "T", 1: "B"}}, path, "dynamo-shapes")
+    assert_equal_eager(model, path, ["x"], (torch.randn(13, 4, 5),))
+
+
+@pytest.mark.parametrize("exporter", [pytest.param("dynamo-shapes", marks=pytest.mark.slow), "torchscript"])
+def test_large_weights_are_initializers(exporter, tmp_path):
+    """At sizes the exporters do not fold, each LSTM node still reads W, R and B as plain
+    initializers (already in ONNX's gate order): what OpenVINO's CPU plugin needs to compile the
+    node and ONNX Runtime's quantize_dynamic to quantize it. Run in ONNX Runtime (fp32 and int8)
+    and OpenVINO at other batch sizes and lengths."""
+    torch.manual_seed(0)
+    model = States(FastBiLSTM(**LARGE, num_layers=2, batch_first=True)).eval()
+    x = torch.randn(3, 11, 48)
     with torch.no_grad():
         expected = model(x)
+    attributes = set(vars(model.lstm))
+    path = tmp_path / "model.onnx"
+    graph = export(model, (torch.randn(2, 6, 48),), dict(inputs=["x"]), {"x": {0: "B", 1: "T"}}, path, exporter)
+    assert set(vars(model.lstm)) == attributes  # the weights computed for the export are not kept
+    with torch.no_grad():
+        assert all(torch.equal(a, e) for a, e in zip(model(x), expected))
+    initializers = {init.name for init in graph.graph.initializer}
+    lstms = [node for node in graph.graph.node if node.op_type == "LSTM"]
+    assert len(lstms) == 2
+    for node in lstms:
+        assert all(name in initializers for name in node.input[1:4]), list(node.input)
+    assert_equal_eager(model, path, ["x"], (torch.randn(5, 17, 48),))
+
+    ov = pytest.importorskip("openvino", reason="OpenVINO not installed (pip install .[openvino])")
+    # f32 inference: on CPUs with bf16 units OpenVINO would otherwise run in bf16 (error ~3e-3)
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    result = compiled([x.numpy()])
     for port, e in zip(compiled.outputs, expected):
         torch.testing.assert_close(torch.from_numpy(result[port]), e, atol=ATOL, rtol=0)
+
+
+def test_onnxruntime_quantizes_the_lstm(tmp_path):
+    """ONNX Runtime's dynamic quantization turns the exported LSTM into its int8 LSTM
+    (DynamicQuantizeLSTM: int8 weights, u8 inputs and h quantized per step).
+
+    reduce_range (7-bit weights): x86 CPUs without VNNI multiply u8 by s8 with VPMADDUBSW, whose
+    pairwise int16 sums saturate for full-range weights (ONNX Runtime's quantization docs); on
+    such a CPU (AVX2, no VNNI) the full-range model errs by 0.27 here. With it the error is
+    measured at 1e-2 (torch's qint8 LSTM: 1e-2 too): 7-bit weight and 8-bit input rounding is a
+    ~1% error per gate pre-activation, carried through 11 steps into |h|, |c| < 1. 5e-2 leaves
+    margin for other CPUs' kernels; a wrong graph (misordered gates) errs by O(1)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    torch.manual_seed(0)
+    model = States(FastBiLSTM(**LARGE)).eval()
+    path, quantized = tmp_path / "model.onnx", tmp_path / "int8.onnx"
+    export(model, (torch.randn(6, 2, 48),), dict(inputs=["x"]), {"x": {0: "T", 1: "B"}}, path, "torchscript")
+    quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8, reduce_range=True)
+    assert "DynamicQuantizeLSTM" in op_types(onnx.load(str(quantized)))
+    x = torch.randn(11, 3, 48)
+    with torch.no_grad():
+        expected = model(x)
+    for got, e in zip(run_onnx(quantized, ["x"], (x,)), expected):
+        torch.testing.assert_close(got, e, atol=5e-2, rtol=0)
