@@ -213,7 +213,7 @@ std::vector<at::Tensor> layer_gradients(const at::Tensor& dgates_in, const at::T
   // to the weights' dtype, the bias gradient sums them as they are
   // fp16: the GEMMs in fp32 on widened operands (oneDNN has no fp16 GEMM without AVX512-FP16, and
   // ATen's fallback made an MNIST training step 1.6 s)
-  const auto dt = w_ih_in.scalar_type(), gemm_dt = dt == at::kHalf ? at::kFloat : dt;
+  const auto dt = w_ih_in.scalar_type(), gemm_dt = gradient_gemm_dtype(dt);
   at::Tensor dgates_acc = dgates_in.to(acc_dtype(dt)).contiguous();
   at::Tensor dgates = dgates_acc.to(gemm_dt);
   at::Tensor x = x_in.to(gemm_dt).contiguous().view({n, I});

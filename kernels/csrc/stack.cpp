@@ -34,6 +34,7 @@
 
 #include "forward.h"
 #include "native.h"
+#include "step_gemm.h"  // gradient_gemm_dtype
 #include "tasks.h"
 
 namespace bilstm_native {
@@ -249,7 +250,7 @@ std::vector<at::Tensor> stack_backward(const at::Tensor& dout_in, const at::Tens
               "native stack_backward: dh_n, dc_n and c0 must be [L, B, H]");
   const auto opts = dout_in.options();
   // the input gradient's GEMM as layer_gradients runs it: fp16 widened to fp32
-  const auto gemm_dt = dt == at::kHalf ? at::kFloat : dt;
+  const auto gemm_dt = gradient_gemm_dtype(dt);
   at::Tensor dh0 = at::empty({L, B, H}, opts.dtype(acc));
   at::Tensor dc0 = at::empty({L, B, H}, opts.dtype(acc));
   std::vector<LayerBackward> layers(L);
