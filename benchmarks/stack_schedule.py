@@ -31,9 +31,12 @@ def grid():
     return {f"B{B} H{H}": (B, 50, H, H, 2) for H in (128, 256, 512, 1024) for B in (1, 4, 16, 64)}
 
 
-def call(model, x, mode, schedule):
+def call(model, x, mode, schedule=None):
+    """One call of model in `mode`; a FastBiLSTM forced to `schedule` (None: nn.LSTM, nothing to force)."""
+
     def run():
-        os.environ["BILSTM_FAST_STACK"] = schedule
+        if schedule is not None:
+            os.environ["BILSTM_FAST_STACK"] = schedule
         if mode == "inference":
             with torch.no_grad():
                 model(x)
@@ -51,17 +54,8 @@ def time_shape(name, shape, modes, min_time):
     fast = FastBiLSTM.from_lstm(ref, copy=True)
     x = torch.randn(T, B, I)
     for mode in modes:
-        fns = [call(fast, x, mode, s) for s in SCHEDULES]
-
-        def reference(mode=mode):
-            if mode == "inference":
-                with torch.no_grad():
-                    ref(x)
-            else:
-                out, _ = ref(x)
-                out.sum().backward()
-
-        stats = measure_together(fns + [reference], torch.device("cpu"), min_time)
+        fns = [call(fast, x, mode, s) for s in SCHEDULES] + [call(ref, x, mode)]
+        stats = measure_together(fns, torch.device("cpu"), min_time)
         base = stats[-1]
         cells = []
         for schedule, s in zip(SCHEDULES, stats):

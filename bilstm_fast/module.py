@@ -318,7 +318,7 @@ class FastBiLSTM(nn.RNNBase):
         rec = stack.stack_backend(self.backend, x, self.num_layers, self.bidirectional, self.proj_size)
         if rec is None:
             return None
-        groups = stack.schedule(x.shape[0], x.shape[1], self.num_layers, torch.get_num_threads())
+        groups = stack.schedule(x.shape[1], self.num_layers, torch.get_num_threads())
         if groups is None:
             return None
         layers = [params if params[0].dtype == x.dtype else [w.to(x.dtype) for w in params] for params in layers]

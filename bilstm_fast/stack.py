@@ -41,7 +41,7 @@ def stack_backend(backend, x, num_layers, bidirectional, proj_size):
     return rec if hasattr(rec, "stack_forward") else None
 
 
-def schedule(T, B, num_layers, threads):
+def schedule(B, num_layers, threads):
     """The stack's number of stages (1: the batch split), or None for the layer-by-layer loop.
     BILSTM_FAST_STACK=layers|batch|wavefront forces one (benchmarks and tests)."""
     forced = os.environ.get("BILSTM_FAST_STACK", "")
@@ -119,21 +119,23 @@ class StackFunction(torch.autograd.Function):
                                            dc_n, forward=stack_autograd)
         need_x, need_h0, need_c0 = ctx.needs_input_grad[:3]
         need_params = ctx.needs_input_grad[5:]
+
+        def layer_saved(layer):  # what the layer's own Function would have saved
+            return (inputs[layer], h0[layer:layer + 1], c0[layer:layer + 1], lengths, outs[layer], gates[layer],
+                    cs[layer], *params[layer * per_layer:(layer + 1) * per_layer])
+
         if not any(map(_legacy_batched, (dout, dh_n, dc_n))):
             dgates, dh0, dc0 = rec.stack_backward(
                 torch.zeros_like(outs[-1]) if dout is None else dout,
                 torch.zeros_like(h0) if dh_n is None else dh_n, torch.zeros_like(c0) if dc_n is None else dc_n,
-                [p for k, p in enumerate(params) if k % per_layer == 0],
-                [p for k, p in enumerate(params) if k % per_layer == 1], gates, cs, c0, lengths, masks, groups,
+                params[0::per_layer], params[1::per_layer], gates, cs, c0, lengths, masks, groups,
             )
             param_grads, dx = [], None
             for layer in range(L):
                 own = slice(layer * per_layer, (layer + 1) * per_layer)
                 state = slice(layer, layer + 1)
                 need = (need_x and layer == 0, need_h0, need_c0, False, False, *need_params[own])
-                layer_saved = (inputs[layer], h0[state], c0[state], lengths, outs[layer], gates[layer], cs[layer],
-                               *params[own])
-                d_input, _, _, _, _, *grads = gradients_from_dgates(backend, need, layer_saved, dgates[layer],
+                d_input, _, _, _, _, *grads = gradients_from_dgates(backend, need, layer_saved(layer), dgates[layer],
                                                                     dh0[state], dc0[state], None)
                 if layer == 0:
                     dx = d_input
@@ -149,10 +151,8 @@ class StackFunction(torch.autograd.Function):
             own = slice(layer * per_layer, (layer + 1) * per_layer)
             need = (need_input, need_h0, need_c0, False, False, *need_params[own])
             state = slice(layer, layer + 1)
-            layer_saved = (inputs[layer], h0[state], c0[state], lengths, outs[layer], gates[layer], cs[layer],
-                           *params[own])
             dx, dh0[layer], dc0[layer], _, _, *param_grads[own] = layer_backward(
-                backend, need, layer_saved, dout, None if dh_n is None else dh_n[state],
+                backend, need, layer_saved(layer), dout, None if dh_n is None else dh_n[state],
                 None if dc_n is None else dc_n[state],
             )
             if not need_input:

@@ -115,13 +115,18 @@ def test_wavefront_is_repeatable_and_runs_on_one_thread(monkeypatch):
 def test_schedule_is_chosen_or_forced(monkeypatch):
     monkeypatch.setenv("BILSTM_FAST_STACK", "fastest")
     with pytest.raises(ValueError, match="BILSTM_FAST_STACK must be one of layers, batch, wavefront"):
-        stack.schedule(10, 4, 2, 2)
+        stack.schedule(4, 2, 2)
     monkeypatch.setenv("BILSTM_FAST_STACK", "batch")
-    assert stack.schedule(10, 4, 2, 2) == 1
+    assert stack.schedule(4, 2, 2) == 1
     monkeypatch.setenv("BILSTM_FAST_STACK", "wavefront")
-    assert stack.schedule(10, 4, 3, 2) == 2
+    assert stack.schedule(4, 3, 2) == 2
     monkeypatch.setenv("BILSTM_FAST_STACK", "layers")
-    assert stack.schedule(10, 4, 3, 2) is None
+    assert stack.schedule(4, 3, 2) is None
+    monkeypatch.delenv("BILSTM_FAST_STACK")
+    # the measured rule (NOTES 38): the wavefront below the native row split, else layer by layer
+    assert stack.schedule(stack.ROW_SPLIT_ROWS - 1, 3, 2) == 2
+    assert stack.schedule(stack.ROW_SPLIT_ROWS, 3, 2) is None
+    assert stack.schedule(4, 3, 1) is None
 
 
 def test_batched_gradients_through_the_stack(schedule):

@@ -28,7 +28,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <memory>
 #include <thread>
 
@@ -43,11 +42,7 @@ namespace bilstm_native {
 // that takes, since the consumer starts one block behind its producer. Overridable for
 // measurements (BILSTM_FAST_WAVEFRONT_ROWS).
 static int64_t wavefront_block_rows() {
-  static const int64_t value = [] {
-    const char* env = std::getenv("BILSTM_FAST_WAVEFRONT_ROWS");
-    const long long parsed = env != nullptr ? std::atoll(env) : 0;
-    return parsed > 0 ? static_cast<int64_t>(parsed) : int64_t{64};
-  }();
+  static const int64_t value = positive_env("BILSTM_FAST_WAVEFRONT_ROWS", 64);
   return value;
 }
 
@@ -89,6 +84,32 @@ static void wait_for(const std::atomic<int64_t>& done, int64_t steps) {
     }
   }
 }
+
+// The tasks of a wavefront: `stages` stages (stage[l]: layer l's) times the batch slices (as a
+// single layer splits its rows, with the threads shared among the stages), task i = stage i / K,
+// slice i % K, and one progress counter per (layer, slice) that its producer publishes to.
+struct Wavefront {
+  Wavefront(const std::vector<int64_t>& len, int64_t L, int64_t stages, std::vector<int64_t> stage_of_layer)
+      : stages(stages), stage(std::move(stage_of_layer)),
+        slices(make_tasks(len, 1, std::max<int64_t>(1, at::get_num_threads() / stages))),
+        K(static_cast<int64_t>(slices.size())), progress(new std::atomic<int64_t>[L * K]) {
+    for (int64_t i = 0; i < L * K; ++i) progress[i].store(0, std::memory_order_relaxed);
+  }
+
+  std::atomic<int64_t>& done(int64_t l, int64_t k) { return progress[l * K + k]; }
+
+  // fn(g, k, slice) for every task, in one fork/join
+  template <typename Fn>
+  void run(const Fn& fn) {
+    run_tasks(stages * K, [&](int64_t i) { fn(i / K, i % K, slices[i % K]); });
+  }
+
+  const int64_t stages;
+  const std::vector<int64_t> stage;
+  const std::vector<Task> slices;
+  const int64_t K;
+  std::unique_ptr<std::atomic<int64_t>[]> progress;
+};
 
 // dropped = out * mask on the task's rows at step t ([T, B, H] each): F.dropout's product.
 template <typename S>
@@ -162,24 +183,17 @@ std::vector<at::Tensor> stack_forward(const at::Tensor& x_in, const std::vector<
   if (T > 0 && B > 0 && H > 0) {
     const std::vector<int64_t> len = lengths_vector(lengths, B, T);
     const int64_t stages = std::min(groups, L);
-    const std::vector<Task> slices =
-        make_tasks(len, 1, std::max<int64_t>(1, std::max<int64_t>(1, at::get_num_threads()) / stages));
-    const int64_t K = static_cast<int64_t>(slices.size());
-    const std::vector<int64_t> stage = stage_of_layers(cost, stages);
-    // progress[l * K + k]: the steps of layer l's slice k whose output (and dropped input) is written
-    std::unique_ptr<std::atomic<int64_t>[]> progress(new std::atomic<int64_t>[L * K]);
-    for (int64_t i = 0; i < L * K; ++i) progress[i].store(0, std::memory_order_relaxed);
-    run_tasks(stages * K, [&](int64_t i) {
-      const int64_t g = i / K, k = i % K;
-      const Task& task = slices[k];
+    // done(l, k): the steps of layer l's slice k whose output (and dropped input) is written
+    Wavefront wave(len, L, stages, stage_of_layers(cost, stages));
+    wave.run([&](int64_t g, int64_t k, const Task& task) {
       for (int64_t l = 0; l < L; ++l) {
-        if (stage[l] != g) continue;
+        if (wave.stage[l] != g) continue;
         StepHooks hooks;
         if (l > 0) {
           const int64_t rows = static_cast<int64_t>(task.rows.size());
           hooks.block_steps = (wavefront_block_rows() + rows - 1) / rows;
           hooks.before_block = [&, l, k](const Task&, int64_t t, int64_t count) {
-            wait_for(progress[(l - 1) * K + k], t + count);
+            wait_for(wave.done(l - 1, k), t + count);
           };
         }
         if (l < L - 1) {
@@ -188,7 +202,7 @@ std::vector<at::Tensor> stack_forward(const at::Tensor& x_in, const std::vector<
               AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "native dropout", [&] {
                 drop_rows<scalar_t>(task, t, layers[l].out, mask[l], dropped[l]);
               });
-            progress[l * K + k].store(t + 1, std::memory_order_release);
+            wave.done(l, k).store(t + 1, std::memory_order_release);
           };
         }
         forward_task(layers[l], task, len, hooks);
@@ -283,26 +297,18 @@ std::vector<at::Tensor> stack_backward(const at::Tensor& dout_in, const at::Tens
   if (T > 0 && B > 0 && H > 0) {
     const std::vector<int64_t> len = lengths_vector(lengths, B, T);
     const int64_t stages = std::min(groups, L);
-    const std::vector<Task> slices =
-        make_tasks(len, 1, std::max<int64_t>(1, std::max<int64_t>(1, at::get_num_threads()) / stages));
-    const int64_t K = static_cast<int64_t>(slices.size());
-    const std::vector<int64_t> stage = backward_stages(cost, stages);
-    // progress[l * K + k]: the steps, counted from the last, of layer l's slice k whose gate
-    // gradients are written
-    std::unique_ptr<std::atomic<int64_t>[]> progress(new std::atomic<int64_t>[L * K]);
-    for (int64_t i = 0; i < L * K; ++i) progress[i].store(0, std::memory_order_relaxed);
-    run_tasks(stages * K, [&](int64_t i) {
-      const int64_t g = i / K, k = i % K;
-      const Task& task = slices[k];
+    // done(l, k): the steps, counted from the last, of layer l's slice k whose gate gradients are written
+    Wavefront wave(len, L, stages, backward_stages(cost, stages));
+    wave.run([&](int64_t g, int64_t k, const Task& task) {
       const int64_t rows = static_cast<int64_t>(task.rows.size());
       const at::Tensor index = at::from_blob(const_cast<int64_t*>(task.rows.data()), {rows}, at::kLong);
       for (int64_t l = L - 1; l >= 0; --l) {
-        if (stage[l] != g) continue;
+        if (wave.stage[l] != g) continue;
         StepHooks hooks;
         if (l < L - 1) {
           hooks.block_steps = (wavefront_block_rows() + rows - 1) / rows;
           hooks.before_block = [&, l, k](const Task&, int64_t t, int64_t count) {
-            wait_for(progress[(l + 1) * K + k], T - t);
+            wait_for(wave.done(l + 1, k), T - t);
             // this task's rows of dout at steps t .. t + count - 1, from the layer above
             at::Tensor dg = layers[l + 1].dgates.narrow(0, t, count).view({count, B, G}).index_select(1, index);
             at::Tensor dx = at::mm(dg.view({count * rows, G}).to(gemm_dt), w_in[l + 1]).to(dt).view({count, rows, H});
@@ -312,7 +318,7 @@ std::vector<at::Tensor> stack_backward(const at::Tensor& dout_in, const at::Tens
         }
         if (l > 0) {
           hooks.after_step = [&, l, k](const Task&, int64_t t) {
-            progress[l * K + k].store(T - t, std::memory_order_release);
+            wave.done(l, k).store(T - t, std::memory_order_release);
           };
         }
         backward_task(layers[l], task, len, hooks);

@@ -26,15 +26,18 @@ struct Task {
   }
 };
 
+// A positive integer from the environment variable `name`, else `fallback` (unset, not a number, or <= 0).
+inline int64_t positive_env(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  const long long parsed = env != nullptr ? std::atoll(env) : 0;
+  return parsed > 0 ? static_cast<int64_t>(parsed) : fallback;
+}
+
 // Rows per batch slice below which splitting a direction further does not pay (each slice's
 // GEMM reads all of W_hh for fewer rows). A first guess, not yet measured on a quiet machine:
 // BILSTM_FAST_NATIVE_MIN_ROWS overrides it (a huge value: never split, one task per direction).
 inline int64_t min_rows_per_slice() {
-  static const int64_t value = [] {
-    const char* env = std::getenv("BILSTM_FAST_NATIVE_MIN_ROWS");
-    const long long parsed = env != nullptr ? std::atoll(env) : 0;
-    return parsed > 0 ? static_cast<int64_t>(parsed) : int64_t{8};
-  }();
+  static const int64_t value = positive_env("BILSTM_FAST_NATIVE_MIN_ROWS", 8);
   return value;
 }
 
