@@ -5,6 +5,7 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 
@@ -175,30 +176,33 @@ std::vector<at::Tensor> recurrence_backward(const at::Tensor& dout_in, const at:
 // depend on how the BLAS library orders one long reduction.
 constexpr int64_t ROW_BLOCK = 512;
 
-// bf16: one GEMM over all rows (ATen hands bf16 mm to oneDNN, which accumulates in fp32 and rounds
-// once), widened to fp32 for the sum over the slices. The operands are row-strided matrices (a
-// direction's columns of [n, D * F]), which oneDNN takes as they lie. (fp16 arrives widened to fp32.)
-static at::Tensor sum_over_rows(const at::Tensor& a, const at::Tensor& b) {  // a.t() @ b, a [n, M], b [n, N]
-  if (a.scalar_type() == at::kBFloat16) return at::mm(a.t(), b).to(at::kFloat);
+// out = a.t() @ b, a [n, M], b [n, N] (row-strided matrices, taken as they lie), out [M, N] with
+// unit column stride. bf16: one GEMM over all rows (ATen hands bf16 mm to oneDNN, which
+// accumulates in fp32 and rounds once), widened to fp32 in out. (fp16 arrives widened to fp32.)
+static void sum_over_rows(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kBFloat16) {
+    out.copy_(at::mm(a.t(), b));
+    return;
+  }
   const int64_t n = a.size(0);
-  at::Tensor out = at::mm(a.narrow(0, 0, std::min(n, ROW_BLOCK)).t(), b.narrow(0, 0, std::min(n, ROW_BLOCK)));
+  at::mm_out(out, a.narrow(0, 0, std::min(n, ROW_BLOCK)).t(), b.narrow(0, 0, std::min(n, ROW_BLOCK)));
   for (int64_t start = ROW_BLOCK; start < n; start += ROW_BLOCK) {
     const int64_t rows = std::min(ROW_BLOCK, n - start);
     out.add_(at::mm(a.narrow(0, start, rows).t(), b.narrow(0, start, rows)));
   }
-  return out;
 }
 
 // dx = dgates @ W_ih (both directions: K = D*4H) and, per direction d, dW_ih[d] = dgates_d^T x,
 // dW_hh[d] = dgates_d^T h_prev_d and db[d] = the column sums of dgates_d, each a fresh tensor,
 // undefined where its need flag is false. The GEMMs run as single-threaded tasks in one
 // fork/join instead of one 2-thread team per GEMM (whose split of a GEMM costs efficiency, and
-// which waits on a busy core at every GEMM). Task (d, s) takes slice s of direction d's rows for
-// its weight gradients (slices = threads / directions, at least one; whole ROW_BLOCKs, so the
-// partial sums are sums of the same blocks) and one slice of dx's rows, so with one direction
-// and two threads each thread gets half of each GEMM: dgates [T, B, D, 4H], x [T, B, I], h_prev
-// [T, B, D, H] (undefined when no W_hh gradient is needed), w_ih [D, 4H, I]. Returns
-// [dx, then dW_ih, dW_hh, db per direction].
+// which waits on a busy core at every GEMM). Task (d, s) takes slice s of direction d's gate
+// columns (slices = threads / directions, at least one), that is rows of its weight gradients,
+// summed over all T*B rows in the same ROW_BLOCKs whatever the slicing (so the numbers do not
+// depend on the thread count), and one slice of dx's rows. A split of the T*B rows into whole
+// blocks instead was unbalanced wherever the blocks do not divide evenly (word-LM, 700 rows: 512
+// and 188). dgates [T, B, D, 4H], x [T, B, I], h_prev [T, B, D, H] (undefined when no W_hh
+// gradient is needed), w_ih [D, 4H, I]. Returns [dx, then dW_ih, dW_hh, db per direction].
 std::vector<at::Tensor> layer_gradients(const at::Tensor& dgates_in, const at::Tensor& x_in,
                                         const c10::optional<at::Tensor>& h_prev_in, const at::Tensor& w_ih_in,
                                         bool need_dx, const std::vector<bool>& need_w_ih,
@@ -219,46 +223,45 @@ std::vector<at::Tensor> layer_gradients(const at::Tensor& dgates_in, const at::T
   at::Tensor x = x_in.to(gemm_dt).contiguous().view({n, I});
   at::Tensor h_prev =
       h_prev_in.has_value() && h_prev_in->defined() ? h_prev_in->to(gemm_dt).contiguous() : at::Tensor();
+  TORCH_CHECK(h_prev.defined() || std::none_of(need_w_hh.begin(), need_w_hh.end(), [](bool b) { return b; }),
+              "native layer_gradients: h_prev is needed for W_hh's gradient");
   at::Tensor w_ih = w_ih_in.to(gemm_dt).contiguous();
-  const int64_t blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK;
-  const int64_t slices = std::max<int64_t>(1, std::min(at::get_num_threads() / D, blocks));
-  const auto slice_rows = [&](int64_t s) {  // [first, end) of slice s: whole blocks
-    return std::make_pair(std::min(n, blocks * s / slices * ROW_BLOCK), std::min(n, blocks * (s + 1) / slices * ROW_BLOCK));
-  };
-  // partial[k] for task k = d * slices + s: that slice's dW_ih, dW_hh, db of direction d
-  std::vector<std::array<at::Tensor, 3>> partial(D * slices);
+  const int64_t slices = std::max<int64_t>(1, std::min(at::get_num_threads() / D, G));
+  // per direction: dW_ih, dW_hh, db, written slice by slice
+  std::vector<std::array<at::Tensor, 3>> grads(D);
+  for (int64_t d = 0; d < D; ++d) {
+    if (need_w_ih[d]) grads[d][0] = at::empty({G, I}, dgates.options());
+    if (need_w_hh[d]) grads[d][1] = at::empty({G, h_prev.size(3)}, dgates.options());
+    if (need_bias[d]) grads[d][2] = at::empty({G}, dgates_acc.options());
+  }
   at::Tensor dx;
   if (need_dx) dx = at::empty({T, B, I}, dgates.options());
   at::parallel_for(0, D * slices, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
     for (int64_t k = begin; k < end; ++k) {
-      const int64_t d = k / slices;
+      const int64_t d = k / slices, s = k % slices;
       if (need_dx) {  // the k-th of D * slices slices of dx's rows
         const int64_t first = n * k / (D * slices), rows = n * (k + 1) / (D * slices) - first;
         at::Tensor dx_rows = dx.view({n, I}).narrow(0, first, rows);
         at::mm_out(dx_rows, dgates.view({n, D * G}).narrow(0, first, rows), w_ih.view({D * G, I}));
       }
-      const auto [first, last] = slice_rows(k % slices);
-      // a strided view: row stride D*4H
-      at::Tensor dg = dgates.select(2, d).reshape({n, G}).narrow(0, first, last - first);
-      if (need_w_ih[d]) partial[k][0] = sum_over_rows(dg, x.narrow(0, first, last - first));
-      if (need_w_hh[d]) {
-        TORCH_CHECK(h_prev.defined(), "native layer_gradients: h_prev is needed for W_hh's gradient");
-        partial[k][1] = sum_over_rows(dg, h_prev.select(2, d).reshape({n, h_prev.size(3)}).narrow(0, first, last - first));
+      const int64_t col = G * s / slices, cols = G * (s + 1) / slices - col;
+      if (cols == 0) continue;
+      // strided views: row stride D*4H
+      at::Tensor dg = dgates.select(2, d).reshape({n, G}).narrow(1, col, cols);
+      if (need_w_ih[d]) sum_over_rows(grads[d][0].narrow(0, col, cols), dg, x);
+      if (need_w_hh[d]) sum_over_rows(grads[d][1].narrow(0, col, cols), dg, h_prev.select(2, d).reshape({n, h_prev.size(3)}));
+      if (need_bias[d]) {
+        at::Tensor db = grads[d][2].narrow(0, col, cols);
+        at::sum_out(db, dgates_acc.select(2, d).reshape({n, G}).narrow(1, col, cols), {0});
       }
-      if (need_bias[d])
-        partial[k][2] = at::sum(dgates_acc.select(2, d).reshape({n, G}).narrow(0, first, last - first), {0});
     }
   });
   std::vector<at::Tensor> result(1 + 3 * D);
   result[0] = dx.defined() ? dx.to(dt) : dx;
-  for (int64_t d = 0; d < D; ++d) {
-    for (int64_t j = 0; j < 3; ++j) {
-      at::Tensor total = partial[d * slices][j];
-      for (int64_t s = 1; s < slices && total.defined(); ++s) total.add_(partial[d * slices + s][j]);
-      result[1 + 3 * d + j] = total.defined() ? total.to(dt) : total;  // bf16/fp16: summed in fp32
-    }
-  }
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = 0; j < 3; ++j)
+      result[1 + 3 * d + j] = grads[d][j].defined() ? grads[d][j].to(dt) : grads[d][j];  // bf16/fp16: summed in fp32
   return result;
 }
 
