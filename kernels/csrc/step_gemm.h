@@ -39,7 +39,9 @@ namespace bilstm_native {
 // generation) is multiplied as it is: a copy would cost more than it saves.
 constexpr int64_t PANEL = 32;
 constexpr int64_t K_BLOCK = 512;
-constexpr int64_t PACK_MIN = int64_t{1} << 18;  // 1 MB of fp32: H = 256
+// 64 KB of fp32 (H = 64): from H = 64 to 256, 8-32 rows, the panels took 0.5-0.85 of MKL sgemm's
+// time on an AVX2 CPU (benchmarks/NOTES.md attempt 39); the bound was 1 MB (H = 256) before.
+constexpr int64_t PACK_MIN = int64_t{1} << 14;
 constexpr int64_t PACK_MIN_ROWS = 2;
 constexpr int64_t PACK_MAX_ROWS = 128;
 
