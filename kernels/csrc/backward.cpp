@@ -178,10 +178,10 @@ constexpr int64_t ROW_BLOCK = 512;
 
 // out = a.t() @ b, a [n, M], b [n, N] (row-strided matrices, taken as they lie), out [M, N] with
 // unit column stride. bf16: one GEMM over all rows (ATen hands bf16 mm to oneDNN, which
-// accumulates in fp32 and rounds once), widened to fp32 in out. (fp16 arrives widened to fp32.)
+// accumulates in fp32 and rounds once). (fp16 arrives widened to fp32.)
 static void sum_over_rows(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == at::kBFloat16) {
-    out.copy_(at::mm(a.t(), b));
+    at::mm_out(out, a.t(), b);
     return;
   }
   const int64_t n = a.size(0);
@@ -245,8 +245,7 @@ std::vector<at::Tensor> layer_gradients(const at::Tensor& dgates_in, const at::T
         at::Tensor dx_rows = dx.view({n, I}).narrow(0, first, rows);
         at::mm_out(dx_rows, dgates.view({n, D * G}).narrow(0, first, rows), w_ih.view({D * G, I}));
       }
-      const int64_t col = G * s / slices, cols = G * (s + 1) / slices - col;
-      if (cols == 0) continue;
+      const int64_t col = G * s / slices, cols = G * (s + 1) / slices - col;  // slices <= G: cols >= 1
       // strided views: row stride D*4H
       at::Tensor dg = dgates.select(2, d).reshape({n, G}).narrow(1, col, cols);
       if (need_w_ih[d]) sum_over_rows(grads[d][0].narrow(0, col, cols), dg, x);
@@ -261,7 +260,7 @@ std::vector<at::Tensor> layer_gradients(const at::Tensor& dgates_in, const at::T
   result[0] = dx.defined() ? dx.to(dt) : dx;
   for (int64_t d = 0; d < D; ++d)
     for (int64_t j = 0; j < 3; ++j)
-      result[1 + 3 * d + j] = grads[d][j].defined() ? grads[d][j].to(dt) : grads[d][j];  // bf16/fp16: summed in fp32
+      result[1 + 3 * d + j] = grads[d][j].defined() ? grads[d][j].to(dt) : grads[d][j];  // to dt where the GEMMs or db ran wider
   return result;
 }
 

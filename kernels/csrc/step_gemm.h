@@ -5,7 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/native/CPUBlas.h>  // cpublas::brgemm
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Optional.h>
 
 #include <algorithm>
@@ -45,6 +45,24 @@ constexpr int64_t PACK_MIN = int64_t{1} << 14;
 constexpr int64_t PACK_MIN_ROWS = 2;
 constexpr int64_t PACK_MAX_ROWS = 128;
 
+// w [R, N, ...] in column panels of `width` columns: [panels, R, width, ...], each panel
+// contiguous; a last partial panel's columns past N are zero and never read back. The full panels
+// go in one copy from a [full, R, width, ...] view of w: one panel at a time took twice as long
+// (2.8 ms against 1.3 for W_hh^T at H = 650, paid by every task of every call).
+inline at::Tensor column_panels(const at::Tensor& w, int64_t width) {
+  const int64_t N = w.size(1), panels = (N + width - 1) / width, full = N / width;
+  std::vector<int64_t> sizes = w.sizes().vec();
+  sizes[1] = width;
+  sizes.insert(sizes.begin(), panels);
+  at::Tensor out = at::empty(sizes, w.options());
+  out.narrow(0, 0, full).copy_(w.narrow(1, 0, full * width).unflatten(1, {full, width}).movedim(1, 0));
+  if (full < panels) {
+    out[full].zero_();
+    out[full].narrow(1, 0, N - full * width).copy_(w.narrow(1, full * width, N - full * width));
+  }
+  return out;
+}
+
 template <typename S>
 class StepGemm {
  public:
@@ -56,16 +74,7 @@ class StepGemm {
       w_ = calls > 2 ? w.contiguous() : w;
       return;
     }
-    const int64_t panels = (N_ + PANEL - 1) / PANEL, full = N_ / PANEL;
-    // [panels, K, PANEL]; a last partial panel's columns past N are zero and never read back.
-    // The full panels in one copy from a [full, K, PANEL] view of W: one panel at a time took
-    // twice as long (2.8 ms against 1.3 for W_hh^T at H = 650, paid by every task of every call).
-    w_ = at::empty({panels, K_, PANEL}, w.options());
-    w_.narrow(0, 0, full).copy_(w.narrow(1, 0, full * PANEL).unflatten(1, {full, PANEL}).permute({1, 0, 2}));
-    if (full < panels) {
-      w_[full].zero_();
-      w_[full].narrow(1, 0, N_ - full * PANEL).copy_(w.narrow(1, full * PANEL, N_ - full * PANEL));
-    }
+    w_ = column_panels(w, PANEL);
   }
 
   // c = a @ W; a: [n, K] with unit column stride, c: [n, N] rows contiguous
@@ -185,13 +194,8 @@ class ReducedStepGemm {
       panel_ = large && bf16_panel() > 0 && bf16_panel() < N_ ? bf16_panel() : N_;
       if (panel_ == N_) {
         vnni_ = vnni;
-      } else {  // [panels, K/2, PANEL, 2]; the last panel's columns past N stay zero, never read back
-        const int64_t panels = (N_ + panel_ - 1) / panel_;
-        vnni_ = at::zeros({panels, K_ / 2, panel_, 2}, w.options());
-        for (int64_t j = 0; j < panels; ++j) {
-          const int64_t width = std::min(panel_, N_ - j * panel_);
-          vnni_[j].narrow(1, 0, width).copy_(vnni.narrow(1, j * panel_, width));
-        }
+      } else {  // [panels, K/2, panel, 2]
+        vnni_ = column_panels(vnni, panel_);
       }
     } else {
       widened_.emplace(w.to(at::kFloat), calls, rows);
